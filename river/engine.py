@@ -1,0 +1,241 @@
+"""The user-facing engine: load a model, queue requests, run prefill and decode steps."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+
+import torch
+
+from river.checkpoint import load_config, load_weights, resolve_model_dir
+from river.config import EngineConfig
+from river.errors import InvalidRequestError
+from river.exits import ExitParams
+from river.kv_cache import BlockAllocator, KVCache
+from river.model import LlamaModel
+from river.sampling import RequestOutput, SamplingParams
+from river.scheduler import Request, Scheduler
+from river.tokenizer import Tokenizer
+
+_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class Engine:
+    """Generate text with a Llama-family model.
+
+    >>> engine = Engine()                       # the default model (SmolLM2-135M-Instruct)
+    >>> engine.generate(["def fib(n):"], SamplingParams(max_tokens=32, temperature=0))[0].text
+    """
+
+    def __init__(self, model=None, config: EngineConfig | None = None, **overrides):
+        cfg = config or EngineConfig(**overrides)
+        if config is not None and overrides:
+            raise TypeError("pass either an EngineConfig or keyword overrides, not both")
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.config, self.device, self.dtype = cfg, device, dtype
+        self.model_dir = resolve_model_dir(model)
+        self.model_config, _ = load_config(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        mc = self.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        weights = load_weights(self.model_dir, mc, dtype=dtype)
+        self.model = LlamaModel(mc, weights, device, dtype, self.max_model_len)
+        del weights
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_tokens // cfg.block_size)
+        self.kv = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
+                          mc.head_dim, dtype, device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs,
+                                   cfg.max_prefill_tokens)
+        self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ river weights
+    def ensure_river(self, progress: bool = True) -> None:
+        """Build (or load from the cache beside the model) the 4-bit river twins."""
+        if self.model.river is not None:
+            return
+        from river.quantize import load_or_quantize
+
+        weights = load_weights(self.model_dir, self.model_config, dtype=torch.float32)
+        named = {
+            f"layers.{n}.{p}": layer[p]
+            for n, layer in enumerate(weights["layers"])
+            for p in _PROJECTIONS
+        }
+        quantized = load_or_quantize(self.model_dir, named, group_size=self.config.river_group_size,
+                                     method=self.config.river_method, progress=progress)
+        self.model.attach_river(quantized)
+
+    # ------------------------------------------------------------------ requests
+    def _make_request(self, prompt, params: SamplingParams, add_special_tokens=True) -> Request:
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise InvalidRequestError(
+                f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        return Request(prompt=text, prompt_ids=ids, params=params, max_tokens=max_tokens,
+                       seed=seed)
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    add_special_tokens: bool = True) -> Request:
+        """Queue one prompt; it joins the running batch at a later step()."""
+        req = self._make_request(prompt, params or SamplingParams(), add_special_tokens)
+        if req.params.exit.mode in ("w4", "river"):
+            self.ensure_river()
+        req.decoder = self.tokenizer.stream_decoder()
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        if req.finish_reason is None:
+            req.finish_reason = "abort"
+        self.scheduler.finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[Request]:
+        """Admit and prefill waiting requests, then one decode step for the rest of the batch.
+        Returns the requests that got a token."""
+        sched = self.scheduler
+        admitted = sched.admit()
+        progressed = []
+        if admitted:
+            batch = sched.prefill_batch(admitted, self.device)
+            logits = self.model.prefill(batch, self.kv)
+            self._append(admitted, logits, [self.model_config.num_layers] * len(admitted))
+            progressed += admitted
+        rows = [r for r in sched.running if r not in admitted]
+        if rows:
+            batch = sched.decode_batch(rows, self.device)
+            exits = ExitParams.build([r.params.exit for r in rows], self.device)
+            logits, used = self.model.decode(batch, self.kv, exits)
+            self._append(rows, logits, used.tolist())
+            progressed += rows
+        return progressed
+
+    def _append(self, reqs: list[Request], logits, layers_used: list[int]) -> None:
+        dev = logits.device
+        tokens = self.model.ops.sample(
+            logits,
+            torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev),
+            torch.tensor([r.params.top_k for r in reqs], dtype=torch.int32, device=dev),
+            torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
+            torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
+            torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
+        ).tolist()
+        for r, tok, used in zip(reqs, tokens, layers_used):
+            r.output_ids.append(tok)
+            r.backbone_layers.append(used)
+            self._check_stop(r, tok)
+            if r.finish_reason is not None:
+                r.end_time = time.perf_counter()
+                self.scheduler.finish(r)
+
+    def _check_stop(self, r: Request, tok: int) -> None:
+        is_eos = tok in self.eos_ids and not r.params.ignore_eos
+        if not is_eos:
+            piece = r.decoder.add(tok)
+            if piece:
+                r.text += piece
+                for s in r.params.stop:
+                    # A stop string can straddle the previous text and the new piece.
+                    at = r.text.find(s, max(0, len(r.text) - len(piece) - len(s)))
+                    if at >= 0:
+                        r.text = r.text[:at]
+                        r.finish_reason = "stop"
+                        return
+        if is_eos:
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= r.max_tokens:
+            r.finish_reason = "length"
+
+    # ------------------------------------------------------------------ high level
+    def _output(self, r: Request) -> RequestOutput:
+        end = r.end_time or time.perf_counter()
+        return RequestOutput(
+            request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_ids,
+            text=r.text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
+            backbone_layers=list(r.backbone_layers), num_layers=self.model_config.num_layers,
+            elapsed_s=end - r.start_time,
+        )
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a list; one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        # Validate everything before queueing anything, so a bad prompt leaves no half batch.
+        checked = [self._make_request(p, sp) for p, sp in zip(prompts, plist)]
+        reqs = []
+        try:
+            for c in checked:
+                reqs.append(self.add_request(c.prompt_ids, c.params))
+                reqs[-1].prompt = c.prompt
+            bar = None
+            if use_tqdm:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(reqs), desc="generate", unit="req")
+            while any(r.finish_reason is None for r in reqs):
+                self.step()
+                if bar is not None:
+                    bar.n = sum(r.finish_reason is not None for r in reqs)
+                    bar.refresh()
+            if bar is not None:
+                bar.close()
+        finally:
+            for r in reqs:  # on error (or KeyboardInterrupt) free everything this call holds
+                if r.finish_reason is None:
+                    self.abort(r)
+        return [self._output(r) for r in reqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one prompt piece by piece as it is generated."""
+        req = self.add_request(prompt, params)
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        sent = 0
+        try:
+            while req.finish_reason is None:
+                self.step()
+                # Keep back a tail that could still become a stop string.
+                end = len(req.text) if req.finish_reason is not None else len(req.text) - hold
+                if end > sent:
+                    yield req.text[sent:end]
+                    sent = end
+            if len(req.text) > sent:
+                yield req.text[sent:]
+        finally:
+            if req.finish_reason is None:
+                self.abort(req)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One assistant reply to a conversation, formatted by the model's chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        out = self.generate([ids], params)[0]
+        out.prompt = prompt
+        return out

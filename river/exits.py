@@ -1,0 +1,101 @@
+"""Exit configuration and the device-side exit decision of River-LLM and its baselines.
+
+Every decode row carries its request's exit settings as tensors; the per-layer decision is pure
+tensor arithmetic, so the decode step never reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("full", "w4", "river", "propagate", "mask")
+POLICIES = ("per_row", "batch_min")
+
+# What an exited row does in the layers it skips (the `after` code of ExitParams).
+AFTER_RIVER, AFTER_PROPAGATE, AFTER_MASK = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """How a request's decode tokens leave the bf16 backbone.
+
+    mode: "full" (backbone only), "w4" (every layer in its 4-bit twin), "river" (backbone until
+      cos(layer input, layer output) > threshold at a depth >= min_layer, then the 4-bit river
+      twins, writing K/V into the same cache slots), "propagate" (CALM: the exited hidden state
+      is frozen and only projected to K/V by the skipped layers' bf16 K/V weights), "mask"
+      (D-LLM: skipped layers write nothing and attention ignores the holes).
+    threshold: cosine similarity an exit needs.
+    min_layer: backbone layers a token runs before it may exit.
+    policy: "per_row" (each sequence exits on its own) or "batch_min" (the paper: a layer exits
+      only when every batch_min row still in the backbone passes).
+    """
+
+    mode: str = "full"
+    threshold: float = 0.9
+    min_layer: int = 8
+    policy: str = "per_row"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"exit mode must be one of {MODES}, got {self.mode!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"exit policy must be one of {POLICIES}, got {self.policy!r}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"exit threshold is a cosine in [-1, 1], got {self.threshold}")
+        if self.min_layer < 0:
+            raise ValueError(f"min_layer must be >= 0, got {self.min_layer}")
+
+
+FULL = ExitConfig("full")
+
+
+@dataclass
+class ExitParams:
+    """Per-row exit settings of one decode batch, on the device.
+
+    uses_backbone / uses_river are host-side facts about the batch's requests (not device
+    values): they let a batch of only `full` (or only `w4`) rows skip the other weight set
+    entirely on the CPU path, where masked ops still cost their full compute.
+    """
+
+    threshold: torch.Tensor  # float32 [B]; +inf never exits
+    min_layer: torch.Tensor  # int32 [B]
+    start_exited: torch.Tensor  # bool [B]: w4 rows are in the river from layer 0
+    after: torch.Tensor  # int8 [B]: AFTER_* code
+    batch_min: torch.Tensor  # bool [B]
+    uses_backbone: bool
+    uses_river: bool
+    uses_kv_mask: bool
+
+    @classmethod
+    def build(cls, configs: list[ExitConfig], device) -> "ExitParams":
+        inf = float("inf")
+        thr = [c.threshold if c.mode in ("river", "propagate", "mask") else inf for c in configs]
+        after = {"river": AFTER_RIVER, "w4": AFTER_RIVER, "full": AFTER_RIVER,
+                 "propagate": AFTER_PROPAGATE, "mask": AFTER_MASK}
+        return cls(
+            threshold=torch.tensor(thr, dtype=torch.float32, device=device),
+            min_layer=torch.tensor([c.min_layer for c in configs], dtype=torch.int32, device=device),
+            start_exited=torch.tensor([c.mode == "w4" for c in configs], device=device),
+            after=torch.tensor([after[c.mode] for c in configs], dtype=torch.int8, device=device),
+            batch_min=torch.tensor([c.policy == "batch_min" for c in configs], device=device),
+            uses_backbone=any(c.mode != "w4" for c in configs),
+            uses_river=any(c.mode in ("w4", "river") for c in configs),
+            uses_kv_mask=any(c.mode == "mask" for c in configs),
+        )
+
+
+def exit_decision(layer: int, h_in, h_out, in_backbone, params: ExitParams):
+    """Rows of `in_backbone` that leave the backbone after (0-based) layer `layer`.
+
+    h_in, h_out: [B, H] residual stream before and after the layer. Returns bool [B].
+    """
+    cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+    passed = (cos > params.threshold) & (params.min_layer <= layer + 1) & in_backbone
+    # batch_min: the layer is an exit for the batch_min rows only if all of them still in the
+    # backbone pass; rows not in that set count as passing.
+    group = in_backbone & params.batch_min
+    all_pass = (passed | ~group).all()
+    return torch.where(params.batch_min, passed & all_pass, passed)

@@ -1,0 +1,212 @@
+"""A minimal Llama forward over the paged KV cache, with a 4-bit river twin for every layer.
+
+Prefill runs the bf16 backbone over a ragged batch of new tokens. Decode runs one token per row
+through a per-layer loop in which each row is either in the backbone or past its exit; both
+weight sets run over the whole batch under device-side row masks, so which row takes which path
+is decided and consumed on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from river.config import ModelConfig, rope_tables
+from river.exits import AFTER_MASK, AFTER_PROPAGATE, AFTER_RIVER, ExitParams, exit_decision
+from river.kv_cache import KVCache
+from river.ops import get_ops
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's projections, fused where the math allows (same input)."""
+
+    qkv: object  # [(Hq + 2 Hkv) * D, H]: tensor, or W4Weight for a river twin
+    o: object  # [H, Hq * D]
+    gate_up: object  # [2 I, H]: gate rows, then up rows
+    down: object  # [H, I]
+
+
+@dataclass
+class ForwardBatch:
+    """Host-built indices of one forward pass (all on the model's device)."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [S, max_blocks]
+    context_lens: torch.Tensor  # int32 [S]: cached tokens after this pass, per sequence
+    cu_seqlens: torch.Tensor | None = None  # int32 [S + 1]; prefill only
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.ops = get_ops(self.device)
+
+        def dev(t):
+            return t.to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = dev(weights["embed"])
+        self.lm_head = self.embed if cfg.tie_word_embeddings else dev(weights["lm_head"])
+        self.norm = dev(weights["norm"])
+        self.input_norms = [dev(lw["input_norm"]) for lw in weights["layers"]]
+        self.post_norms = [dev(lw["post_norm"]) for lw in weights["layers"]]
+        self.layers = [
+            LayerWeights(
+                qkv=dev(torch.cat([lw["q"], lw["k"], lw["v"]])),
+                o=dev(lw["o"]),
+                gate_up=dev(torch.cat([lw["gate"], lw["up"]])),
+                down=dev(lw["down"]),
+            )
+            for lw in weights["layers"]
+        ]
+        self.river: list[LayerWeights] | None = None
+        self.cos, self.sin = rope_tables(cfg, max_positions, self.device)
+        self.scale = cfg.head_dim**-0.5
+
+    # ------------------------------------------------------------------ river twins
+    def attach_river(self, quantized: dict) -> None:
+        """quantized: {"layers.N.q": W4Weight, ...} for the seven projections of every layer.
+
+        On CUDA the W4 weights feed the W4A16 kernels; on CPU they are dequantized once, since
+        the reference ops would otherwise dequantize on every call.
+        """
+        from river.quantize import W4Weight
+
+        def cat(*ws):
+            return W4Weight(
+                qweight=torch.cat([w.qweight for w in ws]),
+                scales=torch.cat([w.scales for w in ws]),
+                zeros=torch.cat([w.zeros for w in ws]),
+                group_size=ws[0].group_size,
+            )
+
+        def place(w):
+            w = w.to(device=self.device, dtype=self.dtype)
+            return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
+
+        self.river = []
+        for n in range(self.cfg.num_layers):
+            q = {p: quantized[f"layers.{n}.{p}"] for p in ("q", "k", "v", "o", "gate", "up", "down")}
+            self.river.append(
+                LayerWeights(
+                    qkv=place(cat(q["q"], q["k"], q["v"])),
+                    o=place(q["o"]),
+                    gate_up=place(cat(q["gate"], q["up"])),
+                    down=place(q["down"]),
+                )
+            )
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, batch: ForwardBatch, kv: KVCache, all_logits: bool = False):
+        """Full-backbone pass over the new tokens of S sequences; K/V written to the cache.
+
+        Returns logits [S, V] at each sequence's last new token, or [T, V] with all_logits.
+        """
+        ops, cfg = self.ops, self.cfg
+        h = self.embed[batch.input_ids]  # [T, H]
+        residual = None
+        kv.valid[:, *_block_offset(batch.slot_mapping, kv.block_size)] = True
+        for n, w in enumerate(self.layers):
+            x, residual = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps, residual)
+            q = ops.qkv_rope_store(
+                x, w.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
+                batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads,
+            )
+            a = ops.prefill_attention(
+                q, kv.k[n], kv.v[n], batch.cu_seqlens, batch.block_tables, batch.context_lens,
+                self.scale,
+            )
+            h = ops.linear(a.reshape(a.shape[0], -1), w.o)
+            x, residual = ops.rms_norm(h, self.post_norms[n], cfg.rms_norm_eps, residual)
+            h = ops.linear(ops.gate_up_silu(x, w.gate_up), w.down)
+        if not all_logits:
+            last = batch.cu_seqlens[1:].long() - 1
+            h, residual = h[last], residual[last]
+        x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps, residual)
+        return ops.linear(x, self.lm_head).float()
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def decode(self, batch: ForwardBatch, kv: KVCache, exits: ExitParams, active=None):
+        """One token per row. Each row runs the backbone until exit_decision() moves it out, then
+        its mode's path (river twins, CALM propagation or KV masking) for the remaining layers.
+
+        active: bool [B] rows that hold a real request (graph buckets pad the batch).
+        Returns (logits float32 [B, V], backbone layers used int32 [B]). No host sync inside.
+        """
+        ops, cfg = self.ops, self.cfg
+        b = batch.input_ids.shape[0]
+        dev = self.device
+        if active is None:
+            active = torch.ones(b, dtype=torch.bool, device=dev)
+        h = self.embed[batch.input_ids]  # [B, H] residual stream
+        exited = exits.start_exited & active
+        used = torch.zeros(b, dtype=torch.int32, device=dev)
+        use_river = exits.uses_river and self.river is not None
+        if exits.uses_river and self.river is None:
+            raise RuntimeError("a request uses the river but no river weights are attached")
+        q = torch.zeros(b, cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=dev)
+        a_out = torch.zeros(b, cfg.hidden_size, dtype=self.dtype, device=dev)
+        mlp = torch.zeros(b, cfg.intermediate_size, dtype=self.dtype, device=dev)
+        block, offset = _block_offset(batch.slot_mapping, kv.block_size)
+        # The slot may last have been left as a hole by a KV-masked request: mark it written in
+        # every layer once, and let KV masking punch its holes below.
+        kv.valid[:, block, offset] = True
+        for n, w in enumerate(self.layers):
+            bb = active & ~exited  # rows in the bf16 backbone at this layer
+            rv = active & exited & (exits.after == AFTER_RIVER)
+            frozen = active & exited & (exits.after != AFTER_RIVER)
+            # K/V of this layer: backbone rows and CALM-propagated rows use the bf16 weights,
+            # river rows the 4-bit twin, into the same slot; KV-masked rows write nothing.
+            x, _ = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps)
+            if exits.uses_backbone:
+                kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
+                ops.qkv_rope_store(
+                    x, w.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
+                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=kv_bf16,
+                    q_out=q,
+                )
+            if use_river:
+                ops.qkv_rope_store(
+                    x, self.river[n].qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
+                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=rv, q_out=q,
+                )
+            if exits.uses_kv_mask:
+                kv.valid[n, block, offset] = ~(frozen & (exits.after == AFTER_MASK))
+            computing = bb | rv
+            a = ops.paged_decode_attention(
+                q, kv.k[n], kv.v[n], batch.block_tables, batch.context_lens, self.scale,
+                row_mask=computing, kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
+            ).reshape(b, -1)
+            paths = (exits.uses_backbone, use_river, bb, rv)
+            self._two_path(ops.linear, a, n, "o", paths, a_out)
+            h_mid = h + a_out
+            x, _ = ops.rms_norm(h_mid, self.post_norms[n], cfg.rms_norm_eps)
+            self._two_path(ops.gate_up_silu, x, n, "gate_up", paths, mlp)
+            self._two_path(ops.linear, mlp, n, "down", paths, a_out)
+            h_new = torch.where(computing.unsqueeze(1), h_mid + a_out, h)
+            used += bb.int()
+            if n + 1 < cfg.num_layers:
+                exited = exited | exit_decision(n, h, h_new, bb, exits)
+            h = h_new
+        x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)
+        return ops.linear(x, self.lm_head).float(), used
+
+    def _two_path(self, op, x, n, name, paths, out):
+        # The same projection in both weight sets; each writes only its own rows of `out`.
+        uses_backbone, uses_river, bb, rv = paths
+        if uses_backbone:
+            op(x, getattr(self.layers[n], name), row_mask=bb, out=out)
+        if uses_river:
+            op(x, getattr(self.river[n], name), row_mask=rv, out=out)
+
+
+def _block_offset(slot_mapping, block_size):
+    slots = slot_mapping.long()
+    return slots // block_size, slots % block_size
