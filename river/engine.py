@@ -11,7 +11,7 @@ import torch
 from river.checkpoint import load_config, load_weights, resolve_model_dir
 from river.config import EngineConfig
 from river.errors import InvalidRequestError
-from river.exits import ExitParams
+from river.exits import FULL, ExitConfig, ExitParams
 from river.kv_cache import BlockAllocator, KVCache
 from river.model import LlamaModel
 from river.sampling import RequestOutput, SamplingParams
@@ -52,6 +52,7 @@ class Engine:
                                    cfg.max_prefill_tokens)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         self._rng = random.Random()
+        self._exit_hist = torch.zeros(mc.num_layers + 1, dtype=torch.int64, device=device)
 
     # ------------------------------------------------------------------ river weights
     def ensure_river(self, progress: bool = True) -> None:
@@ -101,7 +102,7 @@ class Engine:
         req = self._make_request(prompt, params or SamplingParams(), add_special_tokens)
         if req.params.exit.mode in ("w4", "river"):
             self.ensure_river()
-        req.decoder = self.tokenizer.stream_decoder()
+        req.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.scheduler.add(req)
         return req
 
@@ -130,20 +131,24 @@ class Engine:
             batch = sched.decode_batch(rows, self.device)
             exits = ExitParams.build([r.params.exit for r in rows], self.device)
             logits, used = self.model.decode(batch, self.kv, exits)
+            self._exit_hist.index_add_(0, used.long(), torch.ones_like(used, dtype=torch.int64))
             self._append(rows, logits, used.tolist())
             progressed += rows
         return progressed
 
     def _append(self, reqs: list[Request], logits, layers_used: list[int]) -> None:
-        dev = logits.device
-        tokens = self.model.ops.sample(
-            logits,
-            torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev),
-            torch.tensor([r.params.top_k for r in reqs], dtype=torch.int32, device=dev),
-            torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
-            torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-            torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
-        ).tolist()
+        if all(r.params.temperature == 0 for r in reqs):
+            tokens = logits.argmax(-1).tolist()  # all greedy: skip the sampler's vocab sort
+        else:
+            dev = logits.device
+            tokens = self.model.ops.sample(
+                logits,
+                torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev),
+                torch.tensor([r.params.top_k for r in reqs], dtype=torch.int32, device=dev),
+                torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
+                torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
+                torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
+            ).tolist()
         for r, tok, used in zip(reqs, tokens, layers_used):
             r.output_ids.append(tok)
             r.backbone_layers.append(used)
@@ -155,7 +160,7 @@ class Engine:
     def _check_stop(self, r: Request, tok: int) -> None:
         is_eos = tok in self.eos_ids and not r.params.ignore_eos
         if not is_eos:
-            piece = r.decoder.add(tok)
+            piece = r.decoder.feed(tok)
             if piece:
                 r.text += piece
                 for s in r.params.stop:
@@ -169,6 +174,8 @@ class Engine:
             r.finish_reason = "stop"
         elif len(r.output_ids) >= r.max_tokens:
             r.finish_reason = "length"
+        if r.finish_reason is not None:
+            r.text += r.decoder.flush()  # text held back waiting for more bytes of a character
 
     # ------------------------------------------------------------------ high level
     def _output(self, r: Request) -> RequestOutput:
@@ -231,6 +238,51 @@ class Engine:
         finally:
             if req.finish_reason is None:
                 self.abort(req)
+
+    def score(self, prompt, continuation, exit: ExitConfig | None = None, use_tqdm=False):
+        """Teacher-forced log-probabilities of `continuation` after `prompt`, token by token
+        through the decode path under `exit` (default: full backbone). Strings or token-id lists;
+        pass lists of them to score many pairs in one batch (returns a list then)."""
+        from river.scoring import score_batch
+
+        single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        prompts, conts = ([prompt], [continuation]) if single else (prompt, continuation)
+        if len(prompts) != len(conts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(conts)} continuations")
+        p_ids = [self._ids(p, True) for p in prompts]
+        c_ids = [self._ids(c, False) for c in conts]
+        for p, c in zip(p_ids, c_ids):
+            if not p or not c:
+                raise InvalidRequestError("prompt and continuation must both be non-empty")
+            if len(p) + len(c) > self.max_model_len:
+                raise InvalidRequestError(
+                    f"prompt + continuation is {len(p) + len(c)} tokens; the context window is "
+                    f"{self.max_model_len}"
+                )
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(p_ids), desc=f"score[{(exit or FULL).mode}]", unit="seq")
+        try:
+            outs = score_batch(self, p_ids, c_ids, exit or FULL,
+                               progress=(lambda n: bar.update(n - bar.n)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        return outs[0] if single else outs
+
+    def _ids(self, text_or_ids, add_special_tokens):
+        if isinstance(text_or_ids, str):
+            return self.tokenizer.encode(text_or_ids, add_special_tokens=add_special_tokens)
+        return list(text_or_ids)
+
+    def exit_histogram(self, reset: bool = False) -> list[int]:
+        """counts[k] = decode tokens (of generate/stream) that ran k backbone layers."""
+        counts = self._exit_hist.tolist()
+        if reset:
+            self._exit_hist.zero_()
+        return counts
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One assistant reply to a conversation, formatted by the model's chat template."""

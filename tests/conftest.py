@@ -1,0 +1,48 @@
+"""Shared fixtures: deterministic seeds, and the default model converted once per session."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _river_home(tmp_path_factory):
+    """Point RIVER_HOME at a per-session temp dir unless the caller (CI) set it to a cache."""
+    if os.environ.get("RIVER_HOME"):
+        yield pathlib.Path(os.environ["RIVER_HOME"])
+        return
+    home = tmp_path_factory.mktemp("river_home")
+    os.environ["RIVER_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        os.environ.pop("RIVER_HOME", None)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(_river_home) -> pathlib.Path:
+    """The default SmolLM2 model as an HF directory (converted from the GGUF at most once)."""
+    from river.convert import default_model_path
+
+    return default_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> pathlib.Path:
+    from river.convert import default_gguf_path
+
+    return default_gguf_path()

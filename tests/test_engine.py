@@ -1,0 +1,214 @@
+"""Engine API, scheduling and bad input, on a tiny random Llama that uses the default model's
+tokenizer (fast), plus the real default model where it matters."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from river import (
+    Engine,
+    EngineConfig,
+    InvalidRequestError,
+    ModelLoadError,
+    OutOfBlocksError,
+    SamplingParams,
+    TokenizerError,
+    UnsupportedModelError,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model_dir):
+    """A 2-layer random Llama with the default model's vocabulary and tokenizer."""
+    src = json.loads((default_model_dir / "config.json").read_text())
+    cfg = LlamaConfig(vocab_size=src["vocab_size"], hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(default_model_dir / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return Engine(str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64,
+                                              max_num_seqs=8))
+
+
+def assert_pool_full(engine):
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_generate_shapes_and_order(tiny):
+    prompts = ["def fib(n):", "Hello", "a b c d e f g h i j k l m n o p"]
+    outs = tiny.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert [o.prompt for o in outs] == prompts
+    for o in outs:
+        assert len(o.token_ids) == 5 and o.finish_reason == "length"
+        assert o.text == tiny.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        assert o.backbone_layers == [2] * 5
+    assert_pool_full(tiny)
+
+
+def test_batch_equals_single_greedy(tiny):
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = ["x = 1", "The quick brown fox jumps over", "¿Qué?"]
+    batched = [o.token_ids for o in tiny.generate(prompts, sp)]
+    single = [tiny.generate(p, sp)[0].token_ids for p in prompts]
+    assert batched == single
+
+
+def test_seeded_sampling_reproducible(tiny):
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123,
+                        ignore_eos=True)
+    a = tiny.generate(["Once upon a time"], sp)[0].token_ids
+    b = tiny.generate(["Once upon a time", "other prompt"], [sp, SamplingParams(max_tokens=3)])
+    assert a == b[0].token_ids
+    c = tiny.generate(["Once upon a time"], SamplingParams(**{**sp.__dict__, "seed": 7}))[0]
+    assert c.token_ids != a  # 8 tokens from a near-uniform tiny model: a collision is ~impossible
+
+
+def test_stream_matches_generate(tiny):
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    pieces = list(tiny.stream("print(", sp))
+    assert "".join(pieces) == tiny.generate("print(", sp)[0].text
+    assert_pool_full(tiny)
+
+
+def test_stop_string(tiny):
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    full = tiny.generate("Hi", sp)[0].text
+    assert len(full) > 4
+    stop = full[2:4]
+    out = tiny.generate("Hi", SamplingParams(**{**sp.__dict__, "stop": [stop]}))[0]
+    assert out.finish_reason == "stop" and out.text == full[: full.find(stop)]
+    streamed = "".join(tiny.stream("Hi", SamplingParams(**{**sp.__dict__, "stop": [stop]})))
+    assert streamed == out.text
+
+
+def test_eos_stops(tiny):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = tiny.generate("Hi there", sp)[0].token_ids
+    saved = tiny.eos_ids
+    try:
+        tiny.eos_ids = frozenset({ref[2]})  # make the third greedy token the EOS
+        out = tiny.generate("Hi there", SamplingParams(max_tokens=6, temperature=0))[0]
+        kept = tiny.generate("Hi there", sp)[0]
+    finally:
+        tiny.eos_ids = saved
+    assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(ref[2]) + 1]
+    assert kept.token_ids == ref and kept.finish_reason == "length"
+    assert_pool_full(tiny)
+
+
+def test_thousand_requests_leave_pool_full(tiny):
+    """1000 requests through a pool far too small for all at once: they queue, finish, and
+    return every block."""
+    start_free = tiny.allocator.num_free
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (1000,), generator=g)]
+    params = [SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True)
+              for m in torch.randint(1, 6, (1000,), generator=g)]
+    outs = tiny.generate(prompts, params)
+    assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert tiny.allocator.num_free == start_free
+    assert_pool_full(tiny)
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_too_long_then_usable(tiny):
+    with pytest.raises(InvalidRequestError, match="context window"):
+        tiny.generate([list(range(5, 5 + 300))], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tiny.generate([""], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        tiny.generate([[10**9]], SamplingParams(max_tokens=2))
+    assert_pool_full(tiny)
+    assert len(tiny.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_max_tokens_capped_by_context(tiny):
+    out = tiny.generate([list(range(5, 5 + 250))], SamplingParams(max_tokens=100,
+                                                                  ignore_eos=True))[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_request_larger_than_pool(tiny_dir):
+    eng = Engine(str(tiny_dir), device="cpu", block_size=8, num_blocks=4)
+    with pytest.raises(OutOfBlocksError, match="pool has only 4"):
+        eng.generate(["hello"], SamplingParams(max_tokens=100))
+    assert_pool_full(eng)
+    assert len(eng.generate("hello", SamplingParams(max_tokens=20, ignore_eos=True))[0]
+               .token_ids) == 20
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Engine(str(tmp_path / "nope"), device="cpu")
+
+
+def test_not_llama(tiny_dir, tmp_path):
+    bad = tmp_path / "gpt2"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="Llama-family"):
+        Engine(str(bad), device="cpu")
+
+
+def test_corrupt_safetensors(tiny_dir, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(tiny_dir, bad)
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+        Engine(str(bad), device="cpu")
+    f.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+        Engine(str(bad), device="cpu")
+
+
+def test_missing_tokenizer(tiny_dir, tmp_path):
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_dir, bad)
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError):
+        Engine(str(bad), device="cpu")
+
+
+def test_engine_usable_after_load_errors(tiny, tmp_path):
+    with pytest.raises(ModelLoadError):
+        Engine(str(tmp_path / "missing"), device="cpu")
+    assert tiny.generate("a", SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids
