@@ -210,8 +210,9 @@ class Engine:
             while any(r.finish_reason is None for r in reqs):
                 self.step()
                 if bar is not None:
-                    bar.n = sum(r.finish_reason is not None for r in reqs)
-                    bar.refresh()
+                    done = sum(r.finish_reason is not None for r in reqs)
+                    if done != bar.n:
+                        bar.update(done - bar.n)
             if bar is not None:
                 bar.close()
         finally:

@@ -1,0 +1,363 @@
+"""W4 quantization: the packed format the GEMV kernel reads, the methods' error, the cache."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import river.quantize as rq
+from river.quantize import (
+    W4Weight,
+    load_or_quantize,
+    pack_int4,
+    quantize_model,
+    quantize_w4,
+    unpack_int4,
+)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _weights(n, k, seed=0, outliers=0.002):
+    """Gaussian weights at a typical LLM scale with a few 10x outliers, [n, k] float32."""
+    g = _gen(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    mask = torch.rand(n, k, generator=g) < outliers
+    return torch.where(mask, w * 10, w)
+
+
+def _expand(t, group_size):
+    return t.float().repeat_interleave(group_size, dim=1)  # [N, K // G] -> [N, K]
+
+
+# --------------------------------------------------------------------------- format
+def test_pack_nibble_order_hand_built():
+    q = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
+    # byte j = q[2j] in the low nibble, q[2j + 1] in the high nibble
+    expected = torch.tensor([[0x21, 0x43], [0x0F, 0xF0]], dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(packed, expected)
+    assert torch.equal(unpack_int4(expected), q)
+
+
+def test_pack_unpack_round_trip_any_int_dtype():
+    q = torch.randint(0, 16, (7, 10), generator=_gen())
+    for dtype in (torch.uint8, torch.int32, torch.int64):
+        packed = pack_int4(q.to(dtype))
+        assert packed.shape == (7, 5)
+        assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(torch.tensor([[0, 16]]))
+    with pytest.raises(ValueError, match="integer"):
+        pack_int4(torch.zeros(1, 2))
+
+
+def test_dequantize_matches_formula():
+    g = _gen(1)
+    n, k, gs = 5, 8, 4
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = torch.rand(n, k // gs, generator=g) + 0.1
+    zeros = torch.rand(n, k // gs, generator=g) * 15
+    w4 = W4Weight(pack_int4(q), scales, zeros, gs)
+    assert w4.shape == (n, k)
+    expected = torch.empty(n, k)
+    for i in range(n):
+        for j in range(k):
+            expected[i, j] = (q[i, j] - zeros[i, j // gs]) * scales[i, j // gs]
+    torch.testing.assert_close(w4.dequantize(), expected, rtol=0, atol=1e-6)
+    assert w4.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_w4weight_validates_shapes():
+    with pytest.raises(ValueError, match="scales"):
+        W4Weight(torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(4, 3), torch.zeros(4, 2), 4)
+    with pytest.raises(ValueError, match="uint8"):
+        W4Weight(torch.zeros(4, 4, dtype=torch.int32), torch.zeros(4, 2), torch.zeros(4, 2), 4)
+
+
+def test_to_casts_only_scales_and_zeros_and_is_lossless_in_bf16():
+    w4 = quantize_w4(_weights(16, 128), group_size=64)
+    b = w4.to(dtype=torch.bfloat16)
+    assert b.qweight.dtype == torch.uint8 and b.group_size == 64
+    assert b.scales.dtype == torch.bfloat16 and b.zeros.dtype == torch.bfloat16
+    # scales/zeros are snapped to bf16-representable values at quantization time
+    assert torch.equal(b.scales.float(), w4.scales)
+    assert torch.equal(b.zeros.float(), w4.zeros)
+    assert torch.equal(b.qweight, w4.qweight)
+
+
+# --------------------------------------------------------------------------- methods
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_shapes_and_dtypes_with_odd_rows(method):
+    w = _weights(123, 192)
+    w4 = quantize_w4(w, group_size=64, method=method)
+    assert w4.shape == (123, 192)
+    assert w4.qweight.shape == (123, 96) and w4.qweight.dtype == torch.uint8
+    assert w4.scales.shape == w4.zeros.shape == (123, 3)
+    assert w4.scales.dtype == w4.zeros.dtype == torch.float32
+    assert bool((w4.scales > 0).all())
+    assert torch.isfinite(w4.dequantize()).all()
+
+
+def test_rtn_error_bound_per_element():
+    w = _weights(123, 256, seed=2)
+    w4 = quantize_w4(w, group_size=64, method="rtn")
+    err = (w - w4.dequantize()).abs()
+    bound = _expand(w4.scales, 64) / 2 + 1e-6
+    assert bool((err <= bound).all()), float((err - bound).max())
+    # the range is spent: some group hits both ends of 0..15
+    q = unpack_int4(w4.qweight)
+    assert int(q.min()) == 0 and int(q.max()) == 15
+
+
+def test_hqq_reduces_mse_vs_rtn_and_never_loses_a_group():
+    w = _weights(512, 576, seed=3)
+    rtn = quantize_w4(w, method="rtn")
+    hqq = quantize_w4(w, method="hqq")
+    e_rtn = (w - rtn.dequantize()).square().view(512, -1, 64).sum(-1)  # [N, groups]
+    e_hqq = (w - hqq.dequantize()).square().view(512, -1, 64).sum(-1)
+    reduction = 1 - float(e_hqq.sum() / e_rtn.sum())
+    print(f"hqq vs rtn MSE reduction: {reduction:.1%}")
+    assert reduction > 0.10  # ~17% measured on these weights, ~33% on SmolLM2's
+    assert bool((e_hqq <= e_rtn * (1 + 1e-5) + 1e-12).all())
+
+
+def test_hqq_iterations_bound_and_zero_iterations_still_refines():
+    w = _weights(64, 128, seed=4)
+    rtn = (w - quantize_w4(w, method="rtn").dequantize()).square().sum()
+    for iters in (0, 1, 20):
+        err = (w - quantize_w4(w, method="hqq", iters=iters).dequantize()).square().sum()
+        assert err < rtn
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_constant_groups_are_exact_and_finite(method):
+    w = _weights(6, 256, seed=5)
+    w[0] = 0.0  # all-zero row
+    w[1, :64] = 0.37  # constant positive group
+    w[2, 64:128] = -1.25  # constant negative group
+    w[3, 128:192] = 1e-30  # constant, tiny
+    w[4, :] = 3.0  # constant row
+    w4 = quantize_w4(w, group_size=64, method=method)
+    for t in (w4.scales, w4.zeros, w4.dequantize()):
+        assert torch.isfinite(t).all()
+    deq = w4.dequantize()
+    torch.testing.assert_close(deq[0], w[0], rtol=0, atol=0)
+    torch.testing.assert_close(deq[1, :64], w[1, :64], rtol=1e-2, atol=0)
+    torch.testing.assert_close(deq[2, 64:128], w[2, 64:128], rtol=1e-2, atol=0)
+    torch.testing.assert_close(deq[3, 128:192], w[3, 128:192], rtol=0, atol=1e-29)
+    torch.testing.assert_close(deq[4], w[4], rtol=1e-2, atol=0)
+    assert bool((w4.scales > 0).all())
+
+
+def test_group_size_must_divide_k():
+    with pytest.raises(ValueError, match=r"K=100 is not divisible by group_size=64"):
+        quantize_w4(torch.zeros(4, 100), group_size=64)
+    with pytest.raises(ValueError, match="even"):
+        quantize_w4(torch.zeros(4, 9), group_size=3)
+
+
+def test_rejects_bad_method_shape_and_nonfinite():
+    with pytest.raises(ValueError, match="method"):
+        quantize_w4(torch.zeros(4, 64), method="gptq")
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_w4(torch.zeros(64))
+    w = torch.zeros(4, 64)
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_w4(w)
+
+
+def test_chunking_does_not_change_rtn(monkeypatch):
+    w = _weights(123, 128, seed=6)
+    whole = quantize_w4(w, method="rtn")
+    monkeypatch.setattr(rq, "_CHUNK_ELEMS", 10 * 128)  # 13 chunks, the last one ragged
+    chunked = quantize_w4(w, method="rtn")
+    assert torch.equal(whole.qweight, chunked.qweight)
+    assert torch.equal(whole.scales, chunked.scales)
+    assert torch.equal(whole.zeros, chunked.zeros)
+    hqq = quantize_w4(w, method="hqq")
+    assert (w - hqq.dequantize()).square().sum() < (w - whole.dequantize()).square().sum()
+
+
+def test_other_group_sizes():
+    w = _weights(10, 256, seed=7)
+    for gs in (32, 128, 256):
+        w4 = quantize_w4(w, group_size=gs)
+        assert w4.scales.shape == (10, 256 // gs) and w4.group_size == gs
+        assert (w - w4.dequantize()).abs().max() < 0.05
+
+
+def test_quantize_model_keeps_names_and_order_and_thread_count():
+    named = {"z.last": _weights(8, 64, 1), "a.first": _weights(16, 128, 2), "m": _weights(3, 64)}
+    threads = torch.get_num_threads()
+    out = quantize_model(named, progress=False)
+    assert list(out) == list(named)
+    assert torch.get_num_threads() == threads
+    for name, w in named.items():
+        assert out[name].shape == tuple(w.shape)
+        single = quantize_w4(w)
+        assert torch.equal(out[name].qweight, single.qweight)
+
+
+# --------------------------------------------------------------------------- cache
+def _small_model(seed=0):
+    return {
+        "layers.0.q": _weights(64, 128, seed),
+        "layers.0.down": _weights(33, 192, seed + 1),
+        "layers.1.q": _weights(64, 128, seed + 2),
+    }
+
+
+def _assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].group_size == b[name].group_size
+        for field in ("qweight", "scales", "zeros"):
+            x, y = getattr(a[name], field), getattr(b[name], field)
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, field)
+
+
+class _CountQuantize:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = rq.quantize_model
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(rq, "quantize_model", counted)
+
+
+def test_cache_round_trip_is_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    named = _small_model()
+    counter = _CountQuantize(monkeypatch)
+    first = load_or_quantize(tmp_path, named, progress=False)
+    path = tmp_path / "river-w4-g64-hqq.safetensors"
+    assert path.is_file() and counter.calls == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    second = load_or_quantize(tmp_path, named, progress=False)
+    assert counter.calls == 1  # loaded, not quantized again
+    _assert_same(first, second)
+    assert all(w.scales.dtype == torch.float32 for w in second.values())
+    # stored float32 with the metadata that keys it
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("layers.0.down.scales").dtype == torch.float32
+        assert set(f.keys()) == {f"{n}.{x}" for n in named for x in ("qweight", "scales", "zeros")}
+    assert meta["group_size"] == "64" and meta["method"] == "hqq"
+    assert meta["format_version"] == str(rq.FORMAT_VERSION)
+    assert meta["fingerprint"] == rq.fingerprint(named)
+
+
+def test_cache_file_is_per_group_size_and_method(tmp_path):
+    named = _small_model()
+    a = load_or_quantize(tmp_path, named, group_size=32, method="rtn", progress=False)
+    assert (tmp_path / "river-w4-g32-rtn.safetensors").is_file()
+    assert a["layers.0.q"].group_size == 32
+    b = load_or_quantize(tmp_path, named, group_size=64, method="rtn", progress=False)
+    assert b["layers.0.q"].group_size == 64
+
+
+def test_changed_weight_invalidates_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    named = _small_model()
+    counter = _CountQuantize(monkeypatch)
+    first = load_or_quantize(tmp_path, named, progress=False)
+    changed = {k: v.clone() for k, v in named.items()}
+    changed["layers.0.down"][0, 1] += 0.5  # between two of the strided samples
+    assert rq.fingerprint(changed) != rq.fingerprint(named)
+    second = load_or_quantize(tmp_path, changed, progress=False)
+    assert counter.calls == 2
+    assert not torch.equal(first["layers.0.down"].qweight, second["layers.0.down"].qweight)
+    _assert_same(second, quantize_model(changed, progress=False))
+    # the rebuilt file now serves the changed weights
+    third = load_or_quantize(tmp_path, changed, progress=False)
+    assert counter.calls == 2
+    _assert_same(second, third)
+
+
+def test_fingerprint_sees_dtype_independent_values_and_names():
+    named = _small_model()
+    fp = rq.fingerprint(named)
+    assert rq.fingerprint({k: v.clone() for k, v in named.items()}) == fp
+    renamed = dict(named)
+    renamed["layers.9.q"] = renamed.pop("layers.1.q")
+    assert rq.fingerprint(renamed) != fp
+    as_bf16 = {k: v.bfloat16() for k, v in named.items()}
+    assert rq.fingerprint(as_bf16) == rq.fingerprint({k: v.float() for k, v in as_bf16.items()})
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    named = _small_model()
+    good = load_or_quantize(tmp_path, named, method="rtn", progress=False)
+    path = tmp_path / "river-w4-g64-rtn.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = load_or_quantize(tmp_path, named, method="rtn", progress=False)
+    _assert_same(good, again)
+    _assert_same(good, load_or_quantize(tmp_path, named, method="rtn", progress=False))
+
+
+def _readonly_dirs(tmp_path):
+    """Directories this process cannot write: chmod works unless we are root, /proc always."""
+    dirs = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        d = tmp_path / "ro_model"
+        d.mkdir()
+        d.chmod(0o555)
+        dirs.append(d)
+    if sys.platform.startswith("linux") and pathlib.Path("/proc").is_dir():
+        dirs.append(pathlib.Path("/proc"))
+    return dirs
+
+
+def test_unwritable_model_dir_falls_back(tmp_path, monkeypatch):
+    dirs = _readonly_dirs(tmp_path)
+    if not dirs:
+        pytest.skip("no unwritable directory available")
+    named = _small_model()
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    counter = _CountQuantize(monkeypatch)
+    for i, model_dir in enumerate(dirs):
+        calls = counter.calls
+        # explicit cache_dir
+        cache = tmp_path / f"cache{i}"
+        a = load_or_quantize(model_dir, named, method="rtn", cache_dir=cache, progress=False)
+        assert (cache / "river-w4-g64-rtn.safetensors").is_file()
+        assert not (model_dir / "river-w4-g64-rtn.safetensors").exists()
+        b = load_or_quantize(model_dir, named, method="rtn", cache_dir=cache, progress=False)
+        _assert_same(a, b)
+        # default: $RIVER_HOME/quant/<hash of the model dir>
+        c = load_or_quantize(model_dir, named, method="rtn", progress=False)
+        homes = list((tmp_path / "home" / "quant").glob("*/river-w4-g64-rtn.safetensors"))
+        assert len(homes) >= 1
+        d = load_or_quantize(model_dir, named, method="rtn", progress=False)
+        _assert_same(a, c)
+        _assert_same(c, d)
+        assert counter.calls == calls + 2  # one build per location, then loads
+        for p in homes:
+            p.unlink()
+
+
+def test_unwritable_everywhere_still_returns_weights(tmp_path, monkeypatch):
+    if not pathlib.Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    named = _small_model()
+    with pytest.warns(UserWarning, match="could not write"):
+        out = load_or_quantize("/proc", named, method="rtn", cache_dir="/proc/x", progress=False)
+    _assert_same(out, quantize_model(named, method="rtn", progress=False))
