@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from river import (
     Engine,
@@ -18,25 +17,6 @@ from river import (
     TokenizerError,
     UnsupportedModelError,
 )
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    """A 2-layer random Llama with the default model's vocabulary and tokenizer."""
-    src = json.loads((default_model_dir / "config.json").read_text())
-    cfg = LlamaConfig(vocab_size=src["vocab_size"], hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
-                      bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        shutil.copy(default_model_dir / f, path / f)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
