@@ -258,7 +258,7 @@ def sample(
     v = logits.shape[-1]
     t = temperature.clamp_min(1e-6).unsqueeze(1)
     probs = torch.softmax(logits / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: lowest index first
     rank = torch.arange(v, device=logits.device).unsqueeze(0)
     k = torch.where(top_k > 0, top_k, v).unsqueeze(1)
     # keep a token while the mass before it is < top_p (so the top token always survives)

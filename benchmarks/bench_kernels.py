@@ -1,0 +1,471 @@
+"""Kernel benchmarks: river's Triton ops against their torch baselines.
+
+On a GPU (the numbers that matter; H100 is the target):
+    python benchmarks/bench_kernels.py                # full run, writes the JSON, prints a table
+    python benchmarks/bench_kernels.py --markdown     # ... and a markdown table for BENCHMARKS.md
+    python benchmarks/bench_kernels.py --sweep        # also sweep the linear launch settings and
+                                                      # print LINEAR_TABLE entries to paste
+On a CPU-only machine:
+    python benchmarks/bench_kernels.py --dry-run      # tiny shapes in the Triton interpreter:
+                                                      # proves the script runs, times mean nothing
+
+Cases: W4A16 (group 64) and bf16 linears at the Llama-3-8B decode shapes (qkv 6144x4096,
+o 4096x4096, gate_up 28672x4096, down 4096x14336) for M = 1, 8, 32 against cuBLAS (torch bf16
+matmul); the cost of a launch whose row mask is all False, inside a CUDA graph; the fused W4 KV
+projection; paged decode attention (32 q heads, 8 kv heads, head_dim 128, batch 1 and 32, 4096
+context) against SDPA on a contiguous cache; prefill attention (2048 causal tokens) against
+SDPA; sampling over a 128256 vocabulary against the torch reference.
+
+Each result row: kernel, shape, M, dtype, us, baseline, baseline_us, speedup (baseline_us / us),
+TBps (effective bytes / time: packed weights + scales + zeros for W4, weights for bf16, K/V for
+attention). The JSON (benchmarks/results/kernels-<device>.json) also records the device, torch
+and triton versions, the git commit and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, Triton interpreter on CPU")
+    p.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    p.add_argument("--sweep", action="store_true", help="sweep linear/decode launch settings")
+    p.add_argument("--only", default="", help="comma-separated kernel name filter (substring)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    return p.parse_args(argv)
+
+
+ARGS = _parse_args()
+
+import torch  # noqa: E402
+
+if ARGS.dry_run and not torch.cuda.is_available():
+    # must precede the first import of a kernel module (triton decides at decoration time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+
+try:
+    import river.kernels as K
+except ImportError:  # not installed: use the repository checkout
+    sys.path.insert(0, str(ROOT))
+    import kernels as K
+
+from river.quantize import W4Weight  # noqa: E402
+
+LIN = importlib.import_module(f"{K.__name__}.linear")
+DEC = importlib.import_module(f"{K.__name__}.decode_attention")
+REF = importlib.import_module(f"{K.__name__}.reference")
+
+DRY = ARGS.dry_run
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter's tl.dot mishandles bf16: the dry run uses fp16
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+GROUP = 64
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn, graph=False):
+    """Microseconds per call: triton.testing.do_bench (CUDA events, L2 flushed between runs)
+    or, with graph=True, do_bench_cudagraph (the call replayed inside a CUDA graph, i.e. with
+    no CPU launch overhead). On CPU one timed call (dry run only)."""
+    if DEVICE != "cuda":
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=ARGS.rep) * 1e3
+    return triton.testing.do_bench(fn, rep=ARGS.rep) * 1e3
+
+
+def row(kernel, shape, m, us, baseline, baseline_us, nbytes=None, **extra):
+    r = {
+        "kernel": kernel,
+        "shape": shape,
+        "M": m,
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "us": round(us, 3),
+        "baseline": baseline,
+        "baseline_us": round(baseline_us, 3) if baseline_us is not None else None,
+        "speedup": round(baseline_us / us, 3) if baseline_us else None,
+        "TBps": round(nbytes / (us * 1e-6) / 1e12, 3) if nbytes else None,
+    }
+    r.update(extra)
+    print(
+        f"{kernel:28s} {shape:28s} M={m!s:>4} {r['us']:>10.2f} us  "
+        f"{baseline:>16s} {r['baseline_us'] or 0:>10.2f} us  x{r['speedup'] or 0:<6.2f} "
+        f"{r['TBps'] or 0:6.3f} TB/s",
+        flush=True,
+    )
+    return r
+
+
+def wanted(name):
+    return not ARGS.only or any(s and s in name for s in ARGS.only.split(","))
+
+
+def make_w4(n, k):
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    s = (torch.rand(n, k // GROUP, device=DEVICE) * 0.02 + 0.005).to(DTYPE)
+    z = (torch.rand(n, k // GROUP, device=DEVICE) * 15).to(DTYPE)
+    return W4Weight(q, s, z, GROUP)
+
+
+def w4_bytes(n, k):
+    return n * k // 2 + 2 * n * (k // GROUP) * torch.finfo(DTYPE).bits // 8
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+LINEAR_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+MS = [1, 8, 32]
+if DRY:
+    LINEAR_SHAPES = [(96, 256), (64, 512)]
+    MS = [1, 8]
+
+
+def bench_linears(results):
+    for n, k in LINEAR_SHAPES:
+        dense = torch.randn(n, k, device=DEVICE).to(DTYPE) * k**-0.5
+        w4 = make_w4(n, k)
+        for m in MS:
+            x = torch.randn(m, k, device=DEVICE).to(DTYPE)
+            out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
+            cublas = bench(functools.partial(torch.matmul, x, dense.t(), out=out))
+            shape = f"{n}x{k}"
+            if wanted("linear_w4"):
+                us = bench(functools.partial(K.linear, x, w4, out=out))
+                results.append(
+                    row("linear_w4a16", shape, m, us, "cublas_bf16", cublas, w4_bytes(n, k))
+                )
+            if wanted("linear_bf16"):
+                us = bench(functools.partial(K.linear, x, dense, out=out))
+                results.append(row("linear_bf16", shape, m, us, "cublas_bf16", cublas, n * k * 2))
+            if wanted("gate_up") and n == max(s[0] for s in LINEAR_SHAPES):  # 28672: gate+up
+                y = torch.empty(m, n // 2, device=DEVICE, dtype=DTYPE)
+                us = bench(functools.partial(K.gate_up_silu, x, w4, out=y))
+                results.append(
+                    row("gate_up_silu_w4a16", shape, m, us, "cublas_bf16", cublas, w4_bytes(n, k))
+                )
+
+
+def bench_skipped_launch(results):
+    """A masked launch with no active row, in a CUDA graph: the cost of the mask check."""
+    if not wanted("skipped"):
+        return
+    n, k = LINEAR_SHAPES[1]
+    w4 = make_w4(n, k)
+    for m in MS:
+        x = torch.randn(m, k, device=DEVICE).to(DTYPE)
+        out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
+        none = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+        every = torch.ones(m, dtype=torch.bool, device=DEVICE)
+        active = bench(lambda x=x, out=out, e=every: K.linear(x, w4, row_mask=e, out=out), True)
+        skipped = bench(lambda x=x, out=out, z=none: K.linear(x, w4, row_mask=z, out=out), True)
+        results.append(
+            row("linear_w4a16_mask_none", f"{n}x{k}", m, skipped, "mask_all_true", active)
+        )
+
+
+def bench_qkv(results):
+    if not wanted("qkv"):
+        return
+    hq, hkv, d, k, page = (32, 8, 128, 4096, 16) if not DRY else (4, 2, 32, 256, 16)
+    n = (hq + 2 * hkv) * d
+    w4 = make_w4(n, k)
+    dense = torch.randn(n, k, device=DEVICE).to(DTYPE) * k**-0.5
+    cos = torch.rand(4096, d // 2, device=DEVICE)
+    sin = torch.rand(4096, d // 2, device=DEVICE)
+    kc = torch.zeros(64, page, hkv, d, device=DEVICE, dtype=DTYPE)
+    vc = torch.zeros_like(kc)
+    for m in MS:
+        x = torch.randn(m, k, device=DEVICE).to(DTYPE)
+        pos = torch.arange(m, device=DEVICE)
+        slots = torch.arange(m, device=DEVICE)
+        q = torch.empty(m, hq, d, device=DEVICE, dtype=DTYPE)
+        base = bench(
+            lambda x=x, p=pos, s=slots: REF.qkv_rope_store(
+                x, dense, cos, sin, p, kc, vc, s, hq, hkv
+            )
+        )
+        us = bench(
+            lambda x=x, p=pos, s=slots, q=q: K.qkv_rope_store(
+                x, w4, cos, sin, p, kc, vc, s, hq, hkv, q_out=q
+            )
+        )
+        results.append(
+            row("qkv_rope_store_w4a16", f"{n}x{k}", m, us, "torch_bf16_ops", base, w4_bytes(n, k))
+        )
+
+
+def _paged(b, ctx, hkv, d, page):
+    blocks = ctx // page
+    k_cache = torch.randn(b * blocks + 1, page, hkv, d, device=DEVICE).to(DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(b * blocks, device=DEVICE).int().view(b, blocks)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=DEVICE)
+    return k_cache, v_cache, tables, lens
+
+
+def bench_decode(results):
+    if not wanted("decode"):
+        return
+    hq, hkv, d, page, ctx = (32, 8, 128, 16, 4096) if not DRY else (8, 2, 32, 16, 64)
+    for b in (1, 32) if not DRY else (1, 3):
+        k_cache, v_cache, tables, lens = _paged(b, ctx, hkv, d, page)
+        q = torch.randn(b, hq, d, device=DEVICE).to(DTYPE)
+        scratch = DEC.alloc_decode_scratch(b, hq, d, device=DEVICE)
+        # baseline: SDPA on the same K/V already contiguous (what a dense cache would give)
+        kk = k_cache[tables.long()].reshape(b, ctx, hkv, d).transpose(1, 2).contiguous()
+        vv = v_cache[tables.long()].reshape(b, ctx, hkv, d).transpose(1, 2).contiguous()
+        qq = q.unsqueeze(2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        base = bench(functools.partial(sdpa, qq, kk, vv, enable_gqa=True))
+        us = bench(
+            functools.partial(
+                K.paged_decode_attention,
+                q,
+                k_cache,
+                v_cache,
+                tables,
+                lens,
+                d**-0.5,
+                scratch=scratch,
+            )
+        )
+        nbytes = 2 * b * ctx * hkv * d * k_cache.element_size()
+        results.append(
+            row(
+                "paged_decode_attention",
+                f"{hq}/{hkv}x{d} ctx{ctx}",
+                b,
+                us,
+                "sdpa_dense",
+                base,
+                nbytes,
+                splits=DEC.decode_num_splits(b, hkv, ctx),
+            )  # fmt: skip
+        )
+
+
+def bench_prefill(results):
+    if not wanted("prefill"):
+        return
+    t, hq, hkv, d, page = (2048, 32, 8, 128, 16) if not DRY else (64, 4, 2, 32, 16)
+    k_cache, v_cache, tables, lens = _paged(1, t, hkv, d, page)
+    q = torch.randn(t, hq, d, device=DEVICE).to(DTYPE)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=DEVICE)
+    kk = k_cache[tables.long()].reshape(1, t, hkv, d).transpose(1, 2).contiguous()
+    vv = v_cache[tables.long()].reshape(1, t, hkv, d).transpose(1, 2).contiguous()
+    qq = q.transpose(0, 1).unsqueeze(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    base = bench(lambda: sdpa(qq, kk, vv, is_causal=True, enable_gqa=True))
+    us = bench(lambda: K.prefill_attention(q, k_cache, v_cache, cu, tables, lens, d**-0.5, t))
+    flops = 4 * t * t * hq * d / 2  # causal: half of the QK^T and PV products
+    nbytes = 2 * t * hkv * d * k_cache.element_size()
+    results.append(
+        row(
+            "prefill_attention",
+            f"{hq}/{hkv}x{d} causal",
+            t,
+            us,
+            "sdpa_causal",
+            base,
+            nbytes,
+            TFLOPs=round(flops / (us * 1e-6) / 1e12, 1),
+        )  # fmt: skip
+    )
+
+
+def bench_sampling(results):
+    if not wanted("sample"):
+        return
+    v = 128256 if not DRY else 1000
+    for b in (1, 32) if not DRY else (2,):
+        logits = torch.randn(b, v, device=DEVICE) * 4
+        temp = torch.full((b,), 0.8, device=DEVICE)
+        for label, top_k, top_p in (("temp", 0, 1.0), ("top_k50", 50, 1.0), ("top_p0.9", 0, 0.9)):
+            k_ = torch.full((b,), top_k, dtype=torch.int32, device=DEVICE)
+            p_ = torch.full((b,), top_p, device=DEVICE)
+            seeds = torch.arange(b, device=DEVICE)
+            offs = torch.zeros(b, dtype=torch.int64, device=DEVICE)
+            base = bench(functools.partial(REF.sample, logits, temp, k_, p_, seeds, offs))
+            us = bench(functools.partial(K.sample, logits, temp, k_, p_, seeds, offs))
+            results.append(row(f"sample_{label}", f"V={v}", b, us, "torch_reference", base))
+
+
+def bench_rms_norm(results):
+    if not wanted("rms_norm"):
+        return
+    h = 4096 if not DRY else 320
+    w = torch.rand(h, device=DEVICE).to(DTYPE)
+    for m in MS:
+        x = torch.randn(m, h, device=DEVICE).to(DTYPE)
+        r = torch.randn(m, h, device=DEVICE).to(DTYPE)
+        base = bench(lambda x=x, r=r: REF.rms_norm(x, w, 1e-5, r))
+        us = bench(lambda x=x, r=r: K.rms_norm(x, w, 1e-5, r))
+        results.append(row("rms_norm_residual", f"{h}", m, us, "torch_ops", base, 4 * m * h * 2))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def sweep_linear(sweep):
+    """Try launch settings per (format, shape, M) and print the best as LINEAR_TABLE entries."""
+    lines = []
+    for n, k in LINEAR_SHAPES:
+        w4 = make_w4(n, k)
+        dense = torch.randn(n, k, device=DEVICE).to(DTYPE)
+        for m in MS:
+            x = torch.randn(m, k, device=DEVICE).to(DTYPE)
+            out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
+            for fmt, weight in (("w4", w4), ("dense", dense)):
+                key = (fmt, n, k, LIN._m_bucket(m))
+                bm = 1 if m == 1 else LIN._m_bucket(m)
+                bks = ([256, 512] if fmt == "w4" else [128, 256]) if bm == 1 else [64, 128]
+                best = None
+                for bn in (16, 32, 64, 128):
+                    for bk in bks:
+                        for split in (1, 2, 4, 8, 16, 32):
+                            for warps in (4, 8):
+                                cfg = LIN.LaunchSettings(bm, bn, bk, split, warps, 3)
+                                LIN.LINEAR_TABLE[key] = cfg
+                                try:
+                                    us = bench(lambda x=x, w=weight, o=out: K.linear(x, w, out=o))
+                                except Exception as e:  # out of resources, ...
+                                    print(f"  skip {cfg}: {type(e).__name__}")
+                                    continue
+                                if best is None or us < best[0]:
+                                    best = (us, cfg)
+                LIN.LINEAR_TABLE.pop(key, None)
+                if best is not None:
+                    sweep.append({"key": list(key), "us": best[0], "settings": vars(best[1])})
+                    entry = f"LaunchSettings(**{vars(best[1])!r})"
+                    lines.append(f"    {key!r}: {entry},  # {best[0]:.2f} us")
+    print("\n# paste into kernels/linear.py LINEAR_TABLE:")
+    print("\n".join(lines))
+
+
+def sweep_decode(sweep):
+    """Try every split count of the decode attention; print DECODE_SPLIT_TABLE entries."""
+    hq, hkv, d, page, ctx = (32, 8, 128, 16, 4096) if not DRY else (8, 2, 32, 16, 64)
+    lines = []
+    for b in (1, 4, 16, 32, 64) if not DRY else (1, 3):
+        k_cache, v_cache, tables, lens = _paged(b, ctx, hkv, d, page)
+        q = torch.randn(b, hq, d, device=DEVICE).to(DTYPE)
+        scratch = DEC.alloc_decode_scratch(b, hq, d, max_splits=DEC.MAX_SPLITS, device=DEVICE)
+        key = (b * hkv, ctx)
+        best = None
+        for splits in (1, 2, 4, 8, 16):
+            if splits > DEC.MAX_SPLITS:
+                break
+            DEC.DECODE_SPLIT_TABLE[key] = splits
+            fn = functools.partial(
+                K.paged_decode_attention, q, k_cache, v_cache, tables, lens, d**-0.5,
+                scratch=scratch,
+            )  # fmt: skip
+            us = bench(fn)
+            if best is None or us < best[0]:
+                best = (us, splits)
+        DEC.DECODE_SPLIT_TABLE.pop(key, None)
+        sweep.append({"key": ["decode", *key], "us": best[0], "splits": best[1]})
+        lines.append(f"    {key!r}: {best[1]},  # {best[0]:.2f} us")
+    print("\n# paste into kernels/decode_attention.py DECODE_SPLIT_TABLE:")
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def device_name():
+    if DEVICE == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu-interpreter"
+
+
+def git_commit():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def markdown(results):
+    head = "| kernel | shape | M | us | baseline | baseline us | speedup | TB/s |"
+    lines = [head, "|---|---|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r['kernel']} | {r['shape']} | {r['M']} | {r['us']:.2f} | {r['baseline']} | "
+            f"{r['baseline_us'] if r['baseline_us'] is not None else ''} | "
+            f"{r['speedup'] if r['speedup'] is not None else ''} | "
+            f"{r['TBps'] if r['TBps'] is not None else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    if DEVICE != "cuda" and not DRY:
+        sys.exit("no CUDA device: run with --dry-run (Triton interpreter, tiny shapes)")
+    torch.manual_seed(0)
+    results, sweep = [], []
+    with torch.inference_mode():
+        bench_linears(results)
+        if DEVICE == "cuda":
+            bench_skipped_launch(results)
+        bench_qkv(results)
+        bench_decode(results)
+        bench_prefill(results)
+        bench_sampling(results)
+        bench_rms_norm(results)
+        if ARGS.sweep and wanted("linear"):
+            sweep_linear(sweep)
+        if ARGS.sweep and wanted("decode"):
+            sweep_decode(sweep)
+    doc = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": git_commit(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "dry_run": DRY,
+        "results": results,
+    }
+    if sweep:
+        doc["sweep"] = sweep
+    if ARGS.out:
+        path = pathlib.Path(ARGS.out)
+    elif DRY:  # a dry run's numbers are meaningless: keep them out of benchmarks/results
+        path = pathlib.Path(tempfile.gettempdir()) / f"kernels-{device_name()}.json"
+    else:
+        path = ROOT / "benchmarks" / "results" / f"kernels-{device_name()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    if ARGS.markdown:
+        print()
+        print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
