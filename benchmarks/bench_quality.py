@@ -33,9 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--group-size", type=int, default=64, help="river quantization group size")
-    p.add_argument("--thresholds", default="0.5,0.7,0.8,0.85,0.9,0.95",
+    p.add_argument("--thresholds", default="0.94,0.95,0.96,0.97,0.975",
                    help="comma-separated exit thresholds for the sweep")
-    p.add_argument("--min-layers", default="4,6", help="comma-separated min_layer values")
+    p.add_argument("--min-layers", default="4", help="comma-separated min_layer values")
+    p.add_argument("--baseline-thresholds", default="0.95,0.97",
+                   help="thresholds for the propagate and mask baselines (fewer: they are "
+                   "compared with river at matching backbone layers)")
     p.add_argument("--sweep-modes", default="river,propagate,mask",
                    help="modes swept over thresholds x min_layers")
     p.add_argument("--default-threshold", type=float, default=None,
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--default-min-layer", type=int, default=None)
     p.add_argument("--max-layers", type=float, default=6.0,
                    help="backbone-layer budget when choosing the default river config")
-    p.add_argument("--gen-tokens", type=int, default=384, help="max new tokens for pass@1")
+    p.add_argument("--gen-tokens", type=int, default=256, help="max new tokens for pass@1")
     p.add_argument("--no-generate", action="store_true", help="skip free-running pass@1")
     p.add_argument("--max-num-seqs", type=int, default=48, help="rows per decode batch")
     p.add_argument("--out", default=None, help="results JSON (default: results/quality-<dev>.json)")
@@ -93,14 +96,11 @@ def generate(engine, problems, exit_cfg, gen_tokens):
     }, [o.text for o in outs]
 
 
-def choose_default(rows, max_layers, full_ppl):
-    """Lowest-perplexity river config within the backbone-layer budget."""
+def choose_default(rows, max_layers):
+    """The river config with the best top-1 agreement within the backbone-layer budget
+    (agreement, not perplexity, is the constraint that binds on the default model)."""
     cands = [r for r in rows if r["mode"] == "river" and r["backbone_layers"] <= max_layers]
-    if not cands:
-        return None
-    best = min(cands, key=lambda r: r["ppl"])
-    best_within = [r for r in cands if r["ppl"] <= 1.06 * full_ppl]
-    return min(best_within, key=lambda r: r["backbone_layers"]) if best_within else best
+    return max(cands, key=lambda r: (r["top1_agree"], -r["ppl"])) if cands else None
 
 
 def plot(rows, num_layers, path):
@@ -172,7 +172,8 @@ def main(argv=None):
     configs = [("w4", None, None)]
     for mode in args.sweep_modes.split(","):
         for ml in (int(x) for x in args.min_layers.split(",")):
-            for thr in (float(x) for x in args.thresholds.split(",")):
+            thrs = args.thresholds if mode == "river" else args.baseline_thresholds
+            for thr in (float(x) for x in thrs.split(",")):
                 configs.append((mode, thr, ml))
     for mode, thr, ml in configs:
         k = key_of(mode, thr, ml)
@@ -189,7 +190,7 @@ def main(argv=None):
     if args.default_threshold is not None:
         chosen = rows.get(key_of("river", args.default_threshold, args.default_min_layer))
     else:
-        chosen = choose_default(list(rows.values()), args.max_layers, full_row["ppl"])
+        chosen = choose_default(list(rows.values()), args.max_layers)
     save()
 
     if not args.no_generate:
