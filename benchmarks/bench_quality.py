@@ -33,19 +33,36 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--group-size", type=int, default=64, help="river quantization group size")
-    p.add_argument("--thresholds", default="0.94,0.95,0.96,0.97,0.975",
-                   help="comma-separated exit thresholds for the sweep")
+    p.add_argument(
+        "--thresholds",
+        default="0.94,0.95,0.96,0.97,0.975",
+        help="comma-separated exit thresholds for the sweep",
+    )
     p.add_argument("--min-layers", default="4", help="comma-separated min_layer values")
-    p.add_argument("--baseline-thresholds", default="0.95,0.97",
-                   help="thresholds for the propagate and mask baselines (fewer: they are "
-                   "compared with river at matching backbone layers)")
-    p.add_argument("--sweep-modes", default="river,propagate,mask",
-                   help="modes swept over thresholds x min_layers")
-    p.add_argument("--default-threshold", type=float, default=None,
-                   help="river config to run free generation for (default: chosen from sweep)")
+    p.add_argument(
+        "--baseline-thresholds",
+        default="0.95,0.97",
+        help="thresholds for the propagate and mask baselines (fewer: they are "
+        "compared with river at matching backbone layers)",
+    )
+    p.add_argument(
+        "--sweep-modes",
+        default="river,propagate,mask",
+        help="modes swept over thresholds x min_layers",
+    )
+    p.add_argument(
+        "--default-threshold",
+        type=float,
+        default=None,
+        help="river config to run free generation for (default: chosen from sweep)",
+    )
     p.add_argument("--default-min-layer", type=int, default=None)
-    p.add_argument("--max-layers", type=float, default=6.0,
-                   help="backbone-layer budget when choosing the default river config")
+    p.add_argument(
+        "--max-layers",
+        type=float,
+        default=6.0,
+        help="backbone-layer budget when choosing the default river config",
+    )
     p.add_argument("--gen-tokens", type=int, default=256, help="max new tokens for pass@1")
     p.add_argument("--no-generate", action="store_true", help="skip free-running pass@1")
     p.add_argument("--max-num-seqs", type=int, default=48, help="rows per decode batch")
@@ -112,8 +129,11 @@ def plot(rows, num_layers, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"river": "o-", "propagate": "s--", "mask": "^:"}
     for mode, style in styles.items():
-        pts = sorted((r["backbone_layers"] / num_layers, r["ppl"], r["min_layer"])
-                     for r in rows if r["mode"] == mode)
+        pts = sorted(
+            (r["backbone_layers"] / num_layers, r["ppl"], r["min_layer"])
+            for r in rows
+            if r["mode"] == mode
+        )
         for ml in sorted({p[2] for p in pts}):
             xs = [p[0] for p in pts if p[2] == ml]
             ys = [p[1] for p in pts if p[2] == ml]
@@ -140,14 +160,27 @@ def main(argv=None):
 
     from river import Engine, EngineConfig, ExitConfig
 
-    engine = Engine(args.model, EngineConfig(device=args.device, max_num_seqs=args.max_num_seqs,
-                                             kv_cache_tokens=32768,
-                                             river_group_size=args.group_size))
+    engine = Engine(
+        args.model,
+        EngineConfig(
+            device=args.device,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_tokens=32768,
+            river_group_size=args.group_size,
+        ),
+    )
     num_layers = engine.model_config.num_layers
     problems = list(read_problems().values())[: args.limit]
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"quality-{device_slug(engine.device)}.json"
-    ident = {"model": str(engine.model_dir.name), "problems": len(problems),
-             "group_size": args.group_size}
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else RESULTS / f"quality-{device_slug(engine.device)}.json"
+    )
+    ident = {
+        "model": str(engine.model_dir.name),
+        "problems": len(problems),
+        "group_size": args.group_size,
+    }
     old = {}
     if out.exists() and not args.fresh:
         prev = json.loads(out.read_text())
@@ -156,19 +189,30 @@ def main(argv=None):
     rows: dict[str, dict] = {}
 
     def save():
-        payload = {**run_metadata(str(engine.device)), **ident, "num_layers": num_layers,
-                   "results": list(rows.values())}
+        payload = {
+            **run_metadata(str(engine.device)),
+            **ident,
+            "num_layers": num_layers,
+            "results": list(rows.values()),
+        }
         if chosen is not None:
-            payload["default_river"] = {"threshold": chosen["threshold"],
-                                        "min_layer": chosen["min_layer"]}
+            payload["default_river"] = {
+                "threshold": chosen["threshold"],
+                "min_layer": chosen["min_layer"],
+            }
         write_json(out, payload)
 
     chosen = None
     full_cfg = ExitConfig("full")
     full_row, full_top1 = teacher_forced(engine, problems, full_cfg)
     full_row["top1_agree"] = 1.0
-    rows[key_of("full", None, None)] = {"mode": "full", "threshold": None, "min_layer": None,
-                                        **full_row, "pass_at_1": None}
+    rows[key_of("full", None, None)] = {
+        "mode": "full",
+        "threshold": None,
+        "min_layer": None,
+        **full_row,
+        "pass_at_1": None,
+    }
     configs = [("w4", None, None)]
     for mode in args.sweep_modes.split(","):
         for ml in (int(x) for x in args.min_layers.split(",")):
@@ -183,8 +227,11 @@ def main(argv=None):
         cfg = ExitConfig(mode, **({} if thr is None else {"threshold": thr, "min_layer": ml}))
         r, _ = teacher_forced(engine, problems, cfg, full_top1)
         rows[k] = {"mode": mode, "threshold": thr, "min_layer": ml, **r, "pass_at_1": None}
-        print(f"{mode:9s} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
-              f"agree {r['top1_agree']:.3f} layers {r['backbone_layers']:.2f}", flush=True)
+        print(
+            f"{mode:9s} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
+            f"agree {r['top1_agree']:.3f} layers {r['backbone_layers']:.2f}",
+            flush=True,
+        )
         save()
 
     if args.default_threshold is not None:
@@ -210,8 +257,10 @@ def main(argv=None):
                 full_texts = texts
             g["exact_match"] = sum(a == b for a, b in zip(texts, full_texts)) / len(texts)
             row.update(g)
-            print(f"{mode:9s} pass@1 {g['pass_at_1']:.1f} exact-match {g['exact_match']:.3f}",
-                  flush=True)
+            print(
+                f"{mode:9s} pass@1 {g['pass_at_1']:.1f} exact-match {g['exact_match']:.3f}",
+                flush=True,
+            )
             save()
 
     plot_path = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
@@ -221,14 +270,18 @@ def main(argv=None):
 
 
 def print_table(rows, num_layers):
-    print(f"| mode | threshold | min_layer | ppl | top-1 agree | backbone layers / {num_layers} "
-          "| pass@1 | exact match |")
+    print(
+        f"| mode | threshold | min_layer | ppl | top-1 agree | backbone layers / {num_layers} "
+        "| pass@1 | exact match |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         p1 = "" if r.get("pass_at_1") is None else f"{r['pass_at_1']:.1f}"
         em = "" if r.get("exact_match") is None else f"{r['exact_match']:.3f}"
-        print(f"| {r['mode']} | {r['threshold'] or ''} | {r['min_layer'] or ''} | {r['ppl']:.3f} "
-              f"| {r.get('top1_agree', 1.0):.3f} | {r['backbone_layers']:.2f} | {p1} | {em} |")
+        print(
+            f"| {r['mode']} | {r['threshold'] or ''} | {r['min_layer'] or ''} | {r['ppl']:.3f} "
+            f"| {r.get('top1_agree', 1.0):.3f} | {r['backbone_layers']:.2f} | {p1} | {em} |"
+        )
 
 
 if __name__ == "__main__":

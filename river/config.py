@@ -42,8 +42,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ModelLoadError(f"config: {name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -59,7 +67,7 @@ class ModelConfig:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face config.json dict; refuses non-Llama architectures."""
         archs = cfg.get("architectures") or []
         mtype = cfg.get("model_type")

@@ -39,17 +39,20 @@ class Engine:
         self.model_config, _ = load_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         mc = self.model_config
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
+        self.max_model_len = min(
+            cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         weights = load_weights(self.model_dir, mc, dtype=dtype)
         self.model = LlamaModel(mc, weights, device, dtype, self.max_model_len)
         del weights
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_tokens // cfg.block_size)
-        self.kv = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
-                          mc.head_dim, dtype, device)
+        self.kv = KVCache(
+            mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype, device
+        )
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs,
-                                   cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens
+        )
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         self._rng = random.Random()
         self._exit_hist = torch.zeros(mc.num_layers + 1, dtype=torch.int64, device=device)
@@ -67,8 +70,13 @@ class Engine:
             for n, layer in enumerate(weights["layers"])
             for p in _PROJECTIONS
         }
-        quantized = load_or_quantize(self.model_dir, named, group_size=self.config.river_group_size,
-                                     method=self.config.river_method, progress=progress)
+        quantized = load_or_quantize(
+            self.model_dir,
+            named,
+            group_size=self.config.river_group_size,
+            method=self.config.river_method,
+            progress=progress,
+        )
         self.model.attach_river(quantized)
 
     # ------------------------------------------------------------------ requests
@@ -93,11 +101,11 @@ class Engine:
             )
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        return Request(prompt=text, prompt_ids=ids, params=params, max_tokens=max_tokens,
-                       seed=seed)
+        return Request(prompt=text, prompt_ids=ids, params=params, max_tokens=max_tokens, seed=seed)
 
-    def add_request(self, prompt, params: SamplingParams | None = None,
-                    add_special_tokens: bool = True) -> Request:
+    def add_request(
+        self, prompt, params: SamplingParams | None = None, add_special_tokens: bool = True
+    ) -> Request:
         """Queue one prompt; it joins the running batch at a later step()."""
         req = self._make_request(prompt, params or SamplingParams(), add_special_tokens)
         if req.params.exit.mode in ("w4", "river"):
@@ -181,14 +189,23 @@ class Engine:
     def _output(self, r: Request) -> RequestOutput:
         end = r.end_time or time.perf_counter()
         return RequestOutput(
-            request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_ids,
-            text=r.text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
-            backbone_layers=list(r.backbone_layers), num_layers=self.model_config.num_layers,
+            request_id=r.request_id,
+            prompt=r.prompt,
+            prompt_token_ids=r.prompt_ids,
+            text=r.text,
+            token_ids=list(r.output_ids),
+            finish_reason=r.finish_reason,
+            backbone_layers=list(r.backbone_layers),
+            num_layers=self.model_config.num_layers,
             elapsed_s=end - r.start_time,
         )
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for one prompt or a list; one RequestOutput per prompt, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -266,8 +283,13 @@ class Engine:
 
             bar = tqdm(total=len(p_ids), desc=f"score[{(exit or FULL).mode}]", unit="seq")
         try:
-            outs = score_batch(self, p_ids, c_ids, exit or FULL,
-                               progress=(lambda n: bar.update(n - bar.n)) if bar else None)
+            outs = score_batch(
+                self,
+                p_ids,
+                c_ids,
+                exit or FULL,
+                progress=(lambda n: bar.update(n - bar.n)) if bar else None,
+            )
         finally:
             if bar is not None:
                 bar.close()

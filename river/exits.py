@@ -70,14 +70,21 @@ class ExitParams:
     uses_kv_mask: bool
 
     @classmethod
-    def build(cls, configs: list[ExitConfig], device) -> "ExitParams":
+    def build(cls, configs: list[ExitConfig], device) -> ExitParams:
         inf = float("inf")
         thr = [c.threshold if c.mode in ("river", "propagate", "mask") else inf for c in configs]
-        after = {"river": AFTER_RIVER, "w4": AFTER_RIVER, "full": AFTER_RIVER,
-                 "propagate": AFTER_PROPAGATE, "mask": AFTER_MASK}
+        after = {
+            "river": AFTER_RIVER,
+            "w4": AFTER_RIVER,
+            "full": AFTER_RIVER,
+            "propagate": AFTER_PROPAGATE,
+            "mask": AFTER_MASK,
+        }
         return cls(
             threshold=torch.tensor(thr, dtype=torch.float32, device=device),
-            min_layer=torch.tensor([c.min_layer for c in configs], dtype=torch.int32, device=device),
+            min_layer=torch.tensor(
+                [c.min_layer for c in configs], dtype=torch.int32, device=device
+            ),
             start_exited=torch.tensor([c.mode == "w4" for c in configs], device=device),
             after=torch.tensor([after[c.mode] for c in configs], dtype=torch.int8, device=device),
             batch_min=torch.tensor([c.policy == "batch_min" for c in configs], device=device),

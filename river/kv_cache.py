@@ -32,7 +32,9 @@ class KVCache:
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem + num_layers * block_size
+        return (
+            2 * num_layers * block_size * num_kv_heads * head_dim * elem + num_layers * block_size
+        )
 
 
 class BlockAllocator:

@@ -91,7 +91,9 @@ class LlamaModel:
 
         self.river = []
         for n in range(self.cfg.num_layers):
-            q = {p: quantized[f"layers.{n}.{p}"] for p in ("q", "k", "v", "o", "gate", "up", "down")}
+            q = {
+                p: quantized[f"layers.{n}.{p}"] for p in ("q", "k", "v", "o", "gate", "up", "down")
+            }
             self.river.append(
                 LayerWeights(
                     qkv=place(cat(q["q"], q["k"], q["v"])),
@@ -111,15 +113,29 @@ class LlamaModel:
         ops, cfg = self.ops, self.cfg
         h = self.embed[batch.input_ids]  # [T, H]
         residual = None
-        kv.valid[:, *_block_offset(batch.slot_mapping, kv.block_size)] = True
+        block, offset = _block_offset(batch.slot_mapping, kv.block_size)
+        kv.valid[:, block, offset] = True  # a KV-masked request may have left holes here
         for n, w in enumerate(self.layers):
             x, residual = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps, residual)
             q = ops.qkv_rope_store(
-                x, w.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
-                batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads,
+                x,
+                w.qkv,
+                self.cos,
+                self.sin,
+                batch.positions,
+                kv.k[n],
+                kv.v[n],
+                batch.slot_mapping,
+                cfg.num_heads,
+                cfg.num_kv_heads,
             )
             a = ops.prefill_attention(
-                q, kv.k[n], kv.v[n], batch.cu_seqlens, batch.block_tables, batch.context_lens,
+                q,
+                kv.k[n],
+                kv.v[n],
+                batch.cu_seqlens,
+                batch.block_tables,
+                batch.context_lens,
                 self.scale,
             )
             h = ops.linear(a.reshape(a.shape[0], -1), w.o)
@@ -168,21 +184,46 @@ class LlamaModel:
             if exits.uses_backbone:
                 kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
                 ops.qkv_rope_store(
-                    x, w.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
-                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=kv_bf16,
+                    x,
+                    w.qkv,
+                    self.cos,
+                    self.sin,
+                    batch.positions,
+                    kv.k[n],
+                    kv.v[n],
+                    batch.slot_mapping,
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    row_mask=kv_bf16,
                     q_out=q,
                 )
             if use_river:
                 ops.qkv_rope_store(
-                    x, self.river[n].qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
-                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=rv, q_out=q,
+                    x,
+                    self.river[n].qkv,
+                    self.cos,
+                    self.sin,
+                    batch.positions,
+                    kv.k[n],
+                    kv.v[n],
+                    batch.slot_mapping,
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    row_mask=rv,
+                    q_out=q,
                 )
             if exits.uses_kv_mask:
                 kv.valid[n, block, offset] = ~(frozen & (exits.after == AFTER_MASK))
             computing = bb | rv
             a = ops.paged_decode_attention(
-                q, kv.k[n], kv.v[n], batch.block_tables, batch.context_lens, self.scale,
-                row_mask=computing, kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
+                q,
+                kv.k[n],
+                kv.v[n],
+                batch.block_tables,
+                batch.context_lens,
+                self.scale,
+                row_mask=computing,
+                kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
             ).reshape(b, -1)
             paths = (exits.uses_backbone, use_river, bb, rv)
             self._two_path(ops.linear, a, n, "o", paths, a_out)

@@ -45,8 +45,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_prefill_tokens: int):
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_prefill_tokens: int
+    ):
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -113,8 +114,9 @@ class Scheduler:
             positions=torch.tensor(pos, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_tables=pad_block_tables([r.blocks for r in reqs]).to(device),
-            context_lens=torch.tensor([len(r.prompt_ids) for r in reqs], dtype=torch.int32,
-                                      device=device),
+            context_lens=torch.tensor(
+                [len(r.prompt_ids) for r in reqs], dtype=torch.int32, device=device
+            ),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
         )
 
@@ -130,6 +132,7 @@ class Scheduler:
             positions=torch.tensor(pos, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_tables=pad_block_tables([r.blocks for r in reqs]).to(device),
-            context_lens=torch.tensor([r.num_tokens for r in reqs], dtype=torch.int32,
-                                      device=device),
+            context_lens=torch.tensor(
+                [r.num_tokens for r in reqs], dtype=torch.int32, device=device
+            ),
         )

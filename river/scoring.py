@@ -28,8 +28,9 @@ class ScoreOutput:
         return [a == b for a, b in zip(self.token_ids, self.top1_ids)]
 
 
-def score_batch(engine, prompts: list[list[int]], conts: list[list[int]], exit: ExitConfig,
-                progress=None) -> list[ScoreOutput]:
+def score_batch(
+    engine, prompts: list[list[int]], conts: list[list[int]], exit: ExitConfig, progress=None
+) -> list[ScoreOutput]:
     """Score every (prompt, continuation) pair; runs as many pairs at once as rows and KV blocks
     allow. `progress` is an optional callable(num_done) for a progress bar."""
     sched, model = engine.scheduler, engine.model
@@ -37,8 +38,13 @@ def score_batch(engine, prompts: list[list[int]], conts: list[list[int]], exit: 
         engine.ensure_river()
     num_layers = engine.model_config.num_layers
     reqs = [
-        Request(prompt=None, prompt_ids=list(p), params=SamplingParams(max_tokens=len(c),
-                exit=exit), max_tokens=len(c), seed=0)
+        Request(
+            prompt=None,
+            prompt_ids=list(p),
+            params=SamplingParams(max_tokens=len(c), exit=exit),
+            max_tokens=len(c),
+            seed=0,
+        )
         for p, c in zip(prompts, conts)
     ]
     for r, c in zip(reqs, conts):

@@ -58,10 +58,18 @@ def tiny_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = json.loads((default_model_dir / "config.json").read_text())
-    cfg = LlamaConfig(vocab_size=src["vocab_size"], hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
-                      bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"))
+    cfg = LlamaConfig(
+        vocab_size=src["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=src.get("bos_token_id"),
+        eos_token_id=src.get("eos_token_id"),
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)

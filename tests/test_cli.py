@@ -9,8 +9,13 @@ import pytest
 
 
 def river(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "river", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "river", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.mark.parametrize("sub", [[], ["generate"], ["convert"]])
@@ -19,14 +24,32 @@ def test_help(sub):
     assert r.returncode == 0, r.stderr
     assert "usage: river" in r.stdout
     if sub == ["generate"]:
-        for flag in ("--model", "--max-tokens", "--temperature", "--top-p", "--seed", "--chat",
-                     "--json", "--exit"):
+        for flag in (
+            "--model",
+            "--max-tokens",
+            "--temperature",
+            "--top-p",
+            "--seed",
+            "--chat",
+            "--json",
+            "--exit",
+        ):
             assert flag in r.stdout
 
 
 def test_generate_json(tiny_dir):
-    r = river("generate", "--model", str(tiny_dir), "--max-tokens", "5", "--device", "cpu",
-              "--json", "Hello", "def f(x):")
+    r = river(
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--max-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--json",
+        "Hello",
+        "def f(x):",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["prompt"] for x in rows] == ["Hello", "def f(x):"]

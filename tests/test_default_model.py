@@ -9,9 +9,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from river import Engine, EngineConfig, SamplingParams
-from river.kv_cache import slots_for, pad_block_tables
+from river.exits import FULL, ExitParams
+from river.kv_cache import pad_block_tables, slots_for
 from river.model import ForwardBatch
-from river.exits import ExitParams, FULL
 
 ATOL, RTOL = 2e-4, 1e-4
 PROMPTS = [
@@ -25,8 +25,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf(default_model_dir):
-    return LlamaForCausalLM.from_pretrained(default_model_dir, torch_dtype=torch.float32,
-                                            attn_implementation="eager").eval()
+    return LlamaForCausalLM.from_pretrained(
+        default_model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_prefill_and_decode_logits(engine, hf):
     model, kv, bs = engine.model, engine.kv, engine.kv.block_size
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
     blocks = engine.allocator.allocate(3 * 8)
-    tables = [blocks[i * 8:(i + 1) * 8] for i in range(3)]
+    tables = [blocks[i * 8 : (i + 1) * 8] for i in range(3)]
     try:
         cu = [0]
         for p in prompts:
@@ -65,31 +66,41 @@ def test_prefill_and_decode_logits(engine, hf):
             torch.tensor(sum(prompts, [])),
             torch.tensor([i for p in prompts for i in range(len(p))]),
             torch.tensor([s for t, p in zip(tables, prompts) for s in slots_for(t, 0, len(p), bs)]),
-            pad_block_tables(tables), torch.tensor([len(p) for p in prompts], dtype=torch.int32),
-            torch.tensor(cu, dtype=torch.int32))
+            pad_block_tables(tables),
+            torch.tensor([len(p) for p in prompts], dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32),
+        )
         got = model.prefill(batch, kv, all_logits=True)
         past = []
         for i, p in enumerate(prompts):
             with torch.no_grad():
                 o = hf(torch.tensor([p]), use_cache=True)
             past.append(o.past_key_values)
-            torch.testing.assert_close(got[cu[i]:cu[i + 1]], o.logits[0], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(got[cu[i] : cu[i + 1]], o.logits[0], atol=ATOL, rtol=RTOL)
         pos = [len(p) for p in prompts]
         g = torch.Generator().manual_seed(0)
         exits = ExitParams.build([FULL] * 3, "cpu")
         for step in range(16):
             toks = torch.randint(0, 49152, (3,), generator=g).tolist()
             batch = ForwardBatch(
-                torch.tensor(toks), torch.tensor(pos),
+                torch.tensor(toks),
+                torch.tensor(pos),
                 torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]),
-                pad_block_tables(tables), torch.tensor([p + 1 for p in pos], dtype=torch.int32))
+                pad_block_tables(tables),
+                torch.tensor([p + 1 for p in pos], dtype=torch.int32),
+            )
             logits, _ = model.decode(batch, kv, exits)
             for i in range(3):
                 with torch.no_grad():
                     o = hf(torch.tensor([[toks[i]]]), past_key_values=past[i], use_cache=True)
                 past[i] = o.past_key_values
-                torch.testing.assert_close(logits[i], o.logits[0, -1], atol=ATOL, rtol=RTOL,
-                                           msg=lambda m: f"step {step} row {i}: {m}")
+                torch.testing.assert_close(
+                    logits[i],
+                    o.logits[0, -1],
+                    atol=ATOL,
+                    rtol=RTOL,
+                    msg=lambda m: f"step {step} row {i}: {m}",
+                )
             pos = [p + 1 for p in pos]
     finally:
         engine.allocator.free(blocks)
@@ -109,7 +120,8 @@ def test_greedy_mixed_batch_matches_hf(engine, hf_greedy):
 
 
 def test_chat(engine):
-    out = engine.chat([{"role": "user", "content": "What is 2+2?"}],
-                      SamplingParams(max_tokens=32, temperature=0))
+    out = engine.chat(
+        [{"role": "user", "content": "What is 2+2?"}], SamplingParams(max_tokens=32, temperature=0)
+    )
     assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("assistant\n")
     assert out.text.strip() and "<|im_end|>" not in out.text

@@ -18,10 +18,12 @@ from river import (
     UnsupportedModelError,
 )
 
+
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    return Engine(str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64,
-                                              max_num_seqs=8))
+    return Engine(
+        str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64, max_num_seqs=8)
+    )
 
 
 def assert_pool_full(engine):
@@ -49,8 +51,9 @@ def test_batch_equals_single_greedy(tiny):
 
 
 def test_seeded_sampling_reproducible(tiny):
-    sp = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123,
-                        ignore_eos=True)
+    sp = SamplingParams(
+        max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123, ignore_eos=True
+    )
     a = tiny.generate(["Once upon a time"], sp)[0].token_ids
     b = tiny.generate(["Once upon a time", "other prompt"], [sp, SamplingParams(max_tokens=3)])
     assert a == b[0].token_ids
@@ -96,10 +99,14 @@ def test_thousand_requests_leave_pool_full(tiny):
     return every block."""
     start_free = tiny.allocator.num_free
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (int(n),), generator=g).tolist()
-               for n in torch.randint(1, 30, (1000,), generator=g)]
-    params = [SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True)
-              for m in torch.randint(1, 6, (1000,), generator=g)]
+    prompts = [
+        torch.randint(100, 40000, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 30, (1000,), generator=g)
+    ]
+    params = [
+        SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True)
+        for m in torch.randint(1, 6, (1000,), generator=g)
+    ]
     outs = tiny.generate(prompts, params)
     assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
     assert tiny.allocator.num_free == start_free
@@ -138,8 +145,9 @@ def test_prompt_too_long_then_usable(tiny):
 
 
 def test_max_tokens_capped_by_context(tiny):
-    out = tiny.generate([list(range(5, 5 + 250))], SamplingParams(max_tokens=100,
-                                                                  ignore_eos=True))[0]
+    out = tiny.generate([list(range(5, 5 + 250))], SamplingParams(max_tokens=100, ignore_eos=True))[
+        0
+    ]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
 
 
@@ -148,8 +156,10 @@ def test_request_larger_than_pool(tiny_dir):
     with pytest.raises(OutOfBlocksError, match="pool has only 4"):
         eng.generate(["hello"], SamplingParams(max_tokens=100))
     assert_pool_full(eng)
-    assert len(eng.generate("hello", SamplingParams(max_tokens=20, ignore_eos=True))[0]
-               .token_ids) == 20
+    assert (
+        len(eng.generate("hello", SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids)
+        == 20
+    )
 
 
 def test_missing_model_path(tmp_path):

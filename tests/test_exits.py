@@ -19,9 +19,15 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -32,8 +38,11 @@ def tiny(tmp_path_factory):
     hf.save_pretrained(path, safe_serialization=True)
     mc, _ = load_config(path)
     weights = load_weights(path, mc)
-    quant = {f"layers.{n}.{p}": quantize_w4(weights["layers"][n][p], group_size=32)
-             for n in range(LAYERS) for p in PROJ}
+    quant = {
+        f"layers.{n}.{p}": quantize_w4(weights["layers"][n][p], group_size=32)
+        for n in range(LAYERS)
+        for p in PROJ
+    }
     return mc, weights, quant
 
 
@@ -44,8 +53,12 @@ def build(tiny, layer_source=None, num_layers=None, river=True):
     layers = []
     for n, lw in enumerate(weights["layers"][: num_layers or LAYERS]):
         src = (layer_source or "b" * LAYERS)[n]
-        layers.append({**lw, **({p: quant[f"layers.{n}.{p}"].dequantize() for p in PROJ}
-                                if src == "r" else {})})
+        layers.append(
+            {
+                **lw,
+                **({p: quant[f"layers.{n}.{p}"].dequantize() for p in PROJ} if src == "r" else {}),
+            }
+        )
     w["layers"] = layers
     cfg = mc if num_layers is None else type(mc)(**{**mc.__dict__, "num_layers": num_layers})
     model = LlamaModel(cfg, w, "cpu", torch.float32, 128)
@@ -67,19 +80,28 @@ def run(model, kv, configs, steps=3, prefill_model=None):
     cu = [0]
     for p in PROMPTS:
         cu.append(cu[-1] + len(p))
-    (prefill_model or model).prefill(ForwardBatch(
-        torch.tensor(sum(PROMPTS, [])), torch.tensor([i for p in PROMPTS for i in range(len(p))]),
-        torch.tensor([s for t, p in zip(tables, PROMPTS) for s in slots_for(t, 0, len(p), 4)]),
-        pad_block_tables(tables), torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32),
-        torch.tensor(cu, dtype=torch.int32)), kv)
+    (prefill_model or model).prefill(
+        ForwardBatch(
+            torch.tensor(sum(PROMPTS, [])),
+            torch.tensor([i for p in PROMPTS for i in range(len(p))]),
+            torch.tensor([s for t, p in zip(tables, PROMPTS) for s in slots_for(t, 0, len(p), 4)]),
+            pad_block_tables(tables),
+            torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32),
+        ),
+        kv,
+    )
     exits = ExitParams.build(configs, "cpu")
     all_logits, all_used = [], []
     for s in range(steps):
         pos = [len(p) + s for p in PROMPTS]
         batch = ForwardBatch(
-            torch.tensor([t[s] for t in TOKENS]), torch.tensor(pos),
+            torch.tensor([t[s] for t in TOKENS]),
+            torch.tensor(pos),
             torch.tensor([t[p // 4] * 4 + p % 4 for t, p in zip(tables, pos)]),
-            pad_block_tables(tables), torch.tensor([p + 1 for p in pos], dtype=torch.int32))
+            pad_block_tables(tables),
+            torch.tensor([p + 1 for p in pos], dtype=torch.int32),
+        )
         logits, used = model.decode(batch, kv, exits)
         all_logits.append(logits)
         all_used.append(used)
@@ -100,8 +122,12 @@ def test_exit_config_validation():
 def test_decision_per_row_and_batch_min():
     h_in = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     h_out = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0], [1.0, 0.05]])  # cos .995, 0, 1, .99
-    cfgs = [ExitConfig("river", 0.9, 0), ExitConfig("river", 0.9, 0),
-            ExitConfig("river", 0.9, 0, "batch_min"), ExitConfig("river", 0.9, 0, "batch_min")]
+    cfgs = [
+        ExitConfig("river", 0.9, 0),
+        ExitConfig("river", 0.9, 0),
+        ExitConfig("river", 0.9, 0, "batch_min"),
+        ExitConfig("river", 0.9, 0, "batch_min"),
+    ]
     p = ExitParams.build(cfgs, "cpu")
     everyone = torch.ones(4, dtype=torch.bool)
     assert exit_decision(0, h_in, h_out, everyone, p).tolist() == [True, False, True, True]
@@ -205,13 +231,21 @@ def forbid_host_sync():
 
 def test_decode_step_has_no_host_sync(tiny):
     model, kv = build(tiny)
-    cfgs = [ExitConfig("river", 0.3, 1), ExitConfig("river", 0.99, 2, "batch_min"),
-            ExitConfig("propagate", 0.5, 1), ExitConfig("mask", 0.5, 2)]
+    cfgs = [
+        ExitConfig("river", 0.3, 1),
+        ExitConfig("river", 0.99, 2, "batch_min"),
+        ExitConfig("propagate", 0.5, 1),
+        ExitConfig("mask", 0.5, 2),
+    ]
     exits = ExitParams.build(cfgs, "cpu")
     b = len(cfgs)
-    batch = ForwardBatch(torch.tensor([3, 4, 5, 6]), torch.zeros(b, dtype=torch.long),
-                         torch.tensor([0, 4, 8, 12]), pad_block_tables([[0], [1], [2], [3]]),
-                         torch.ones(b, dtype=torch.int32))
+    batch = ForwardBatch(
+        torch.tensor([3, 4, 5, 6]),
+        torch.zeros(b, dtype=torch.long),
+        torch.tensor([0, 4, 8, 12]),
+        pad_block_tables([[0], [1], [2], [3]]),
+        torch.ones(b, dtype=torch.int32),
+    )
     with forbid_host_sync():
         with pytest.raises(AssertionError, match="host sync"):
             torch.ones(2).sum().item()  # the guard works

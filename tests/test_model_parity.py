@@ -9,30 +9,47 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from river.checkpoint import load_config, load_weights
+from river.exits import FULL, ExitParams
 from river.kv_cache import KVCache, pad_block_tables, slots_for
 from river.model import ForwardBatch, LlamaModel
-from river.exits import ExitParams, FULL
 
 ATOL, RTOL = 1e-4, 1e-4
 
 TINY_CONFIGS = {
-    "mha-tied-norope-scaling": dict(num_attention_heads=4, num_key_value_heads=4,
-                                    tie_word_embeddings=True),
+    "mha-tied-norope-scaling": dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True
+    ),
     "gqa4-untied-llama3": dict(
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         rope_theta=500000.0,
     ),
-    "gqa3-headdim40-tied": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=40,
-                                tie_word_embeddings=True),
+    "gqa3-headdim40-tied": dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=40, tie_word_embeddings=True
+    ),
 }
 
 
 def make_tiny(tmp_path, name, shard=False):
-    kw = dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-              max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-              attn_implementation="eager")
+    kw = dict(
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
     kw.update(TINY_CONFIGS[name])
     cfg = LlamaConfig(**kw)
     torch.manual_seed(0)
@@ -50,8 +67,9 @@ def make_tiny(tmp_path, name, shard=False):
 def river_model(path, block_size=8, num_blocks=128):
     cfg, _ = load_config(path)
     model = LlamaModel(cfg, load_weights(path, cfg), "cpu", torch.float32, 256)
-    kv = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                 torch.float32, "cpu")
+    kv = KVCache(
+        cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
+    )
     return model, kv
 
 
@@ -61,7 +79,7 @@ class Seqs:
     def __init__(self, lengths, block_size, num_blocks, max_len):
         perm = torch.randperm(num_blocks).tolist()
         per = -(-max_len // block_size)
-        self.tables = [perm[i * per:(i + 1) * per] for i in range(len(lengths))]
+        self.tables = [perm[i * per : (i + 1) * per] for i in range(len(lengths))]
         self.bs = block_size
 
     def prefill(self, prompts):
@@ -71,16 +89,24 @@ class Seqs:
             pos += range(len(p))
             slots += slots_for(t, 0, len(p), self.bs)
             cu.append(cu[-1] + len(p))
-        return ForwardBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots),
-                            pad_block_tables(self.tables),
-                            torch.tensor([len(p) for p in prompts], dtype=torch.int32),
-                            torch.tensor(cu, dtype=torch.int32))
+        return ForwardBatch(
+            torch.tensor(ids),
+            torch.tensor(pos),
+            torch.tensor(slots),
+            pad_block_tables(self.tables),
+            torch.tensor([len(p) for p in prompts], dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32),
+        )
 
     def decode(self, tokens, positions):
         slots = [t[p // self.bs] * self.bs + p % self.bs for t, p in zip(self.tables, positions)]
-        return ForwardBatch(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots),
-                            pad_block_tables(self.tables),
-                            torch.tensor([p + 1 for p in positions], dtype=torch.int32))
+        return ForwardBatch(
+            torch.tensor(tokens),
+            torch.tensor(positions),
+            torch.tensor(slots),
+            pad_block_tables(self.tables),
+            torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+        )
 
 
 def check_parity(hf, model, kv, prompts, steps=16, vocab=None):
@@ -94,8 +120,9 @@ def check_parity(hf, model, kv, prompts, steps=16, vocab=None):
     for p in prompts:
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].float()
-        torch.testing.assert_close(got[off:off + len(p)], ref, atol=ATOL, rtol=RTOL,
-                                   msg=lambda m: f"prefill logits: {m}")
+        torch.testing.assert_close(
+            got[off : off + len(p)], ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"prefill logits: {m}"
+        )
         off += len(p)
     seqs_now = [list(p) for p in prompts]
     exits = ExitParams.build([FULL] * len(prompts), "cpu")
@@ -108,8 +135,9 @@ def check_parity(hf, model, kv, prompts, steps=16, vocab=None):
         for i, s in enumerate(seqs_now):
             with torch.no_grad():
                 ref = hf(torch.tensor([s])).logits[0, -1].float()
-            torch.testing.assert_close(logits[i], ref, atol=ATOL, rtol=RTOL,
-                                       msg=lambda m: f"decode logits row {i}: {m}")
+            torch.testing.assert_close(
+                logits[i], ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"decode logits row {i}: {m}"
+            )
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
