@@ -7,8 +7,15 @@ import pathlib
 import random
 
 import numpy as np
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so it must be set before
+# any test module imports river.kernels: on a machine without CUDA every kernel test runs in the
+# interpreter.
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

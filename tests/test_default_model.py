@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from river import Engine, EngineConfig, SamplingParams
+from river import Engine, EngineConfig, ExitConfig, SamplingParams
 from river.exits import FULL, ExitParams
 from river.kv_cache import pad_block_tables, slots_for
 from river.model import ForwardBatch
@@ -125,3 +125,33 @@ def test_chat(engine):
     )
     assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("assistant\n")
     assert out.text.strip() and "<|im_end|>" not in out.text
+
+
+def test_score_full_matches_hf(engine, hf):
+    prompt, cont = "def add(a, b):\n", "    return a + b\n\nprint(add(2, 3))\n"
+    s = engine.score(prompt, cont)
+    p_ids = engine.tokenizer.encode(prompt)
+    c_ids = engine.tokenizer.encode(cont, add_special_tokens=False)
+    assert s.token_ids == c_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([p_ids + c_ids])).logits[0, len(p_ids) - 1 : -1]
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=2e-4, rtol=1e-4)
+    assert s.top1_ids == logits.argmax(-1).tolist()
+    assert s.backbone_layers == [30] * len(c_ids)
+
+
+def test_river_mode_exits_on_real_model(engine):
+    engine.exit_histogram(reset=True)
+    sp = SamplingParams(
+        max_tokens=16, temperature=0, ignore_eos=True, exit=ExitConfig("river", 0.95, 4)
+    )
+    outs = engine.generate(PROMPTS[:3], sp)
+    decode_layers = [n for o in outs for n in o.backbone_layers[1:]]
+    assert all(o.backbone_layers[0] == 30 for o in outs)  # prefill runs the full backbone
+    assert all(4 <= n <= 30 for n in decode_layers)
+    assert sum(decode_layers) / len(decode_layers) < 20, "tokens should leave the backbone"
+    hist = engine.exit_histogram()
+    assert sum(hist) == len(decode_layers)
+    assert hist == [decode_layers.count(k) for k in range(31)]
+    assert engine.allocator.num_free == engine.allocator.num_blocks

@@ -1,0 +1,593 @@
+"""CUDA-graph decode: one captured decode step per batch-size bucket, replayed with new inputs.
+
+A decode step launches ~15 kernels per layer, hundreds per token; launched one by one from
+Python their CPU cost exceeds the GPU time of a small-batch step. LlamaModel.decode has no host
+syncs and no data-dependent shapes (exits are device-side row masks), so it can be captured once
+per batch size and replayed:
+
+* Buckets. A batch of n rows runs in the graph of the smallest bucket >= n (GraphBuckets, cut at
+  max_num_seqs). Rows n..bucket-1 are padding: inactive, input id 0, position 0, context length
+  1, and their slot is the first slot of a reserved padding KV block, so their (masked)
+  read-modify-write of the cache can never touch a real sequence's slot.
+* Static inputs. One DecodeInputs sized for the largest bucket; every graph reads views of its
+  first `bucket` rows, so all graphs share one set of input buffers. Its fields are views of one
+  byte buffer: a pinned host twin uploads a whole step's inputs in a single copy.
+* Both weight sets in every graph. The captured step runs with ExitParams host flags
+  uses_backbone / uses_river / uses_kv_mask all True, so each weight set's kernels are in the
+  graph and skip on the device when none of their rows is active; one graph per bucket serves
+  every mix of exit modes. Without river weights a backbone-only variant is captured and
+  requests that need the river are refused.
+
+Reserving the padding block: the runner writes padding rows to block `kv.num_blocks - 1` (or
+`padding_block=`), which must never be handed to a sequence. The engine does that by giving its
+allocator one block less than the cache: `BlockAllocator(kv.num_blocks - 1)`.
+
+Feeding a step: run(batch, exits) copies a batch into the static inputs (device tensors: one
+device copy per field; host tensors: staged in a pinned twin and uploaded in one copy, with any
+field already on the device, typically input_ids = last step's sampled tokens, copied after it)
+and replays. replay(n) replays the static inputs as the caller updated them in place (tokens,
+positions + 1, ...), the cheapest step when the decode state lives on the device.
+
+Outputs: run() and replay() return views of the graph's static output buffers (first n rows).
+They are only valid until the next run()/replay() of any bucket (the graphs share one memory
+pool), so consume them (argmax, sampling, a copy) before the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import math
+import types
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from river.exits import AFTER_RIVER, ExitConfig, ExitParams
+from river.model import ForwardBatch
+
+__all__ = [
+    "GraphBuckets",
+    "graph_buckets",
+    "bucket_for",
+    "DecodeInputs",
+    "DecodeGraphRunner",
+    "forced_exit_config",
+    "forced_exit_configs",
+    "ExitHistogram",
+    "ForcedExitSampler",
+]
+
+GraphBuckets = (1, 2, 4, 8, 16, 32, 64)
+
+
+def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """GraphBuckets cut at max_num_seqs, which is always the last bucket (48 -> ..., 32, 48)."""
+    if max_num_seqs <= 0:
+        raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+    return tuple(b for b in GraphBuckets if b < max_num_seqs) + (max_num_seqs,)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...] = GraphBuckets) -> int:
+    """The smallest bucket that holds n rows."""
+    if n <= 0:
+        raise ValueError(f"a decode batch needs at least one row, got {n}")
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"decode batch of {n} rows exceeds the largest graph bucket ({buckets[-1]})")
+
+
+# ------------------------------------------------------------------------------ static inputs
+
+# Fields of the shared byte buffer, each starting at a multiple of _ALIGN bytes: any dtype can
+# be viewed there, and the kernels see the same (16-byte aligned) pointers as for a tensor of
+# their own, so Triton's alignment specialisation is the same as in eager runs.
+_ALIGN = 256
+_LAYOUT = (
+    ("input_ids", torch.int64),
+    ("positions", torch.int64),
+    ("slot_mapping", torch.int64),
+    ("block_tables", torch.int32),
+    ("context_lens", torch.int32),
+    ("min_layer", torch.int32),
+    ("threshold", torch.float32),
+    ("active", torch.bool),
+    ("start_exited", torch.bool),
+    ("after", torch.int8),
+    ("batch_min", torch.bool),
+)
+_BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens")
+_EXIT_FIELDS = ("threshold", "min_layer", "start_exited", "after", "batch_min")
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """The inputs of one captured decode step (frozen: the tensors are written in place, never
+    rebound, since a graph holds their addresses). R rows, the largest bucket."""
+
+    buffer: torch.Tensor  # uint8 [nbytes]: every field below is a view of it
+    input_ids: torch.Tensor  # int64 [R]
+    positions: torch.Tensor  # int64 [R]
+    slot_mapping: torch.Tensor  # int64 [R]
+    block_tables: torch.Tensor  # int32 [R, max_blocks], -1 past a row's blocks
+    context_lens: torch.Tensor  # int32 [R]
+    min_layer: torch.Tensor  # int32 [R]   ExitParams fields from here ...
+    threshold: torch.Tensor  # float32 [R]
+    active: torch.Tensor  # bool [R]: False on padding rows
+    start_exited: torch.Tensor  # bool [R]
+    after: torch.Tensor  # int8 [R]
+    batch_min: torch.Tensor  # bool [R]   ... to here (but active)
+
+    @classmethod
+    def allocate(cls, rows: int, max_blocks: int, device, pin_memory: bool = False):
+        shapes = {n: (rows, max_blocks) if n == "block_tables" else (rows,) for n, _ in _LAYOUT}
+        offsets, end = {}, 0
+        for name, dtype in _LAYOUT:
+            offsets[name] = end
+            nbytes = math.prod(shapes[name]) * torch.empty((), dtype=dtype).element_size()
+            end += -(-nbytes // _ALIGN) * _ALIGN
+        buf = torch.zeros(end, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+        views = {}
+        for name, dtype in _LAYOUT:
+            nbytes = math.prod(shapes[name]) * torch.empty((), dtype=dtype).element_size()
+            off = offsets[name]
+            views[name] = buf[off : off + nbytes].view(dtype).view(shapes[name])
+        return cls(buffer=buf, **views)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_tables.shape[1]
+
+    def head(self, n: int) -> DecodeInputs:
+        """Views of the first n rows (what the graph of bucket n reads)."""
+        return replace(
+            self, **{f.name: getattr(self, f.name)[:n] for f in fields(self) if f.name != "buffer"}
+        )
+
+    def forward_batch(self) -> ForwardBatch:
+        return ForwardBatch(
+            self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.context_lens
+        )
+
+    def exit_params(self, uses_river: bool) -> ExitParams:
+        """Every path on (host flags True): each weight set's kernels skip by device mask."""
+        return ExitParams(
+            *(getattr(self, n) for n in _EXIT_FIELDS),
+            uses_backbone=True,
+            uses_river=uses_river,
+            uses_kv_mask=True,
+        )
+
+    def write_rows(self, sources: dict, n: int) -> None:
+        """Rows 0..n-1 from row_sources() (block table columns past the source's width are left
+        as they are; a None `active` means every row is active)."""
+        for name, src in sources.items():
+            if name == "block_tables":
+                self.block_tables[:n, : src.shape[1]].copy_(src)
+            elif src is None:
+                self.active[:n].fill_(True)
+            else:
+                getattr(self, name)[:n].copy_(src)
+
+    def write_padding(self, start: int, stop: int, padding_block: int, block_size: int) -> None:
+        """Rows start..stop-1 become padding: inactive rows that write (nothing but) the first
+        slot of the padding block and never exit."""
+        if start >= stop:
+            return
+        rows = slice(start, stop)
+        self.input_ids[rows].fill_(0)
+        self.positions[rows].fill_(0)
+        self.slot_mapping[rows].fill_(padding_block * block_size)
+        self.block_tables[rows].fill_(-1)
+        # A real block id in column 0 keeps even an unmasked read of the row in bounds.
+        self.block_tables[rows, 0].fill_(padding_block)
+        self.context_lens[rows].fill_(1)
+        self.active[rows].fill_(False)
+        self.threshold[rows].fill_(float("inf"))
+        self.min_layer[rows].fill_(0)
+        self.start_exited[rows].fill_(False)
+        self.after[rows].fill_(AFTER_RIVER)
+        self.batch_min[rows].fill_(False)
+
+
+class _Staging:
+    """A DecodeInputs plus what the host knows about its rows, so that a step rewrites only what
+    changed: padding rows stay padding, and stale block ids are cleared only when needed."""
+
+    def __init__(self, inputs: DecodeInputs, padding_block: int, block_size: int):
+        self.inputs = inputs
+        self.padding_block, self.block_size = padding_block, block_size
+        self.is_pad = [True] * inputs.rows
+        # Invariant: in every row, block table columns >= table_dirty hold -1.
+        self.table_dirty = 1
+        inputs.write_padding(0, inputs.rows, padding_block, block_size)
+
+    def load(self, sources: dict, n: int, width: int, bucket: int) -> None:
+        """Write n real rows (those of `sources` present: the caller may write the others
+        itself), pad rows n..bucket-1, and clear block table columns >= width of the n rows."""
+        inp, w = self.inputs, width
+        stale = [r for r in range(n, bucket) if not self.is_pad[r]]
+        if stale:
+            inp.write_padding(stale[0], stale[-1] + 1, self.padding_block, self.block_size)
+            for r in range(stale[0], stale[-1] + 1):
+                self.is_pad[r] = True
+        inp.write_rows(sources, n)
+        if w < self.table_dirty:
+            inp.block_tables[:n, w : self.table_dirty].fill_(-1)
+        self.table_dirty = max(self.table_dirty, w)
+        self.is_pad[:n] = [False] * n
+
+    def adopt(self, other: _Staging) -> None:
+        """Take over another staging's bookkeeping after its buffer was copied into ours."""
+        self.is_pad = list(other.is_pad)
+        self.table_dirty = other.table_dirty
+
+
+def row_sources(batch: ForwardBatch, exits: ExitParams, active) -> dict:
+    """{DecodeInputs field: the tensor its rows come from} (active: None = all rows active)."""
+    src = {name: getattr(batch, name) for name in _BATCH_FIELDS}
+    src.update({name: getattr(exits, name) for name in _EXIT_FIELDS})
+    src["active"] = active
+    return src
+
+
+def _check_rows(batch: ForwardBatch, exits: ExitParams, active, n: int, max_blocks: int):
+    # Shapes only (host metadata): reading values here would be a device sync.
+    for name in ("positions", "slot_mapping", "context_lens"):
+        if getattr(batch, name).shape != (n,):
+            raise ValueError(f"ForwardBatch.{name} must have {n} rows like input_ids")
+    if batch.block_tables.dim() != 2 or batch.block_tables.shape[0] != n:
+        raise ValueError(f"block_tables must be [{n}, max_blocks]")
+    if batch.block_tables.shape[1] < 1:
+        raise ValueError("block_tables need at least one column")
+    if batch.block_tables.shape[1] > max_blocks:
+        raise ValueError(
+            f"block tables are {batch.block_tables.shape[1]} wide; the runner was "
+            f"built for max_blocks_per_seq={max_blocks}"
+        )
+    for name in _EXIT_FIELDS:
+        if getattr(exits, name).shape != (n,):
+            raise ValueError(f"ExitParams.{name} must have {n} rows (one per decode row)")
+    if active is not None and active.shape != (n,):
+        raise ValueError(f"active must be bool [{n}]")
+
+
+# ------------------------------------------------------------------------------ the runner
+
+
+@dataclass
+class _Graph:
+    graph: object  # torch.cuda.CUDAGraph
+    logits: torch.Tensor  # float32 [bucket, V], written by every replay
+    used: torch.Tensor  # int32 [bucket]
+
+
+class DecodeGraphRunner:
+    """Decode steps through CUDA graphs (on CUDA) or model.decode (eagerly) behind one API.
+
+    model: a LlamaModel; kv: its KVCache, whose block `padding_block` (default: the last) the
+    caller keeps out of its allocator. max_blocks_per_seq: block-table width of the graphs (the
+    context capacity is max_blocks_per_seq * block_size; it also fixes the attention kernel's
+    split count, so it is part of what is captured).
+    enabled: None = graphs on CUDA, eager on CPU. Eager runs model.decode on the batch as given
+    (no padding); pad_eager=True instead runs the padded static step the graphs capture, eagerly
+    (to test the padding on CPU). include_river: None = capture the river when it is attached;
+    False = a backbone-only graph (requests that use the river are refused).
+    """
+
+    def __init__(
+        self,
+        model,
+        kv,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        enabled: bool | None = None,
+        *,
+        include_river: bool | None = None,
+        pad_eager: bool = False,
+        padding_block: int | None = None,
+    ):
+        on_cuda = model.device.type == "cuda"
+        if enabled and not on_cuda:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+        self.model, self.kv = model, kv
+        self.use_graphs = on_cuda if enabled is None else bool(enabled)
+        self.padded = self.use_graphs or pad_eager
+        self.buckets = graph_buckets(max_num_seqs)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.padding_block = kv.num_blocks - 1 if padding_block is None else padding_block
+        if not 0 <= self.padding_block < kv.num_blocks:
+            raise ValueError(f"padding_block {self.padding_block} is not a block of the cache")
+        self._river_choice = include_river
+        self.include_river = self._want_river()
+        self._graphs: dict[int, _Graph] = {}
+        self._keep: list[torch.Tensor] = []  # buffers the graphs point into (see capture)
+        self._attn_scratch = None
+        self._host: _Staging | None = None
+        self._upload_done = None
+        # Stage host-built batches in a pinned twin (one upload per step). Graph mode only by
+        # default; tests switch it on for the padded eager step on CPU.
+        self._stage_on_host = self.use_graphs
+        self._dev: _Staging | None = None
+        if self.padded:
+            inputs = DecodeInputs.allocate(self.buckets[-1], max_blocks_per_seq, model.device)
+            self._dev = _Staging(inputs, self.padding_block, kv.block_size)
+        if self.use_graphs:
+            self.capture()
+
+    def _want_river(self) -> bool:
+        if self._river_choice and self.model.river is None:
+            raise ValueError("include_river=True but the model has no river weights attached")
+        return self.model.river is not None if self._river_choice is None else self._river_choice
+
+    @property
+    def inputs(self) -> DecodeInputs | None:
+        """The static inputs on the device (None when eager and unpadded)."""
+        return self._dev.inputs if self._dev is not None else None
+
+    # -------------------------------------------------------------------- capture
+    def capture(self) -> None:
+        """(Re)capture every bucket, largest first, into one shared memory pool. Call again after
+        attaching river weights to include them."""
+        if not self.use_graphs:
+            raise RuntimeError("capture() needs a CUDA model and enabled graphs")
+        self.include_river = self._want_river()
+        self._graphs.clear()
+        self._dev = _Staging(self._dev.inputs, self.padding_block, self.kv.block_size)
+        self._attn_scratch = self._alloc_attention_scratch()
+        torch.cuda.synchronize()
+        with self._bound_ops():
+            # Warm up every bucket before capturing any: compiles the Triton kernels and grows
+            # the split-K workspaces to their final size, so nothing allocates inside a capture
+            # and no later warm-up reallocates a buffer an earlier graph points into.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for b in reversed(self.buckets):
+                    self._decode_static(b)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self._keep = _kernel_workspaces()
+            pool = torch.cuda.graph_pool_handle()
+            for b in reversed(self.buckets):  # largest first: the pool grows to its size once
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, used = self._decode_static(b)
+                self._graphs[b] = _Graph(graph, logits, used)
+        torch.cuda.synchronize()
+
+    def _alloc_attention_scratch(self):
+        # The split-K decode attention takes a caller-owned scratch; without one it allocates
+        # per call. Allocating it here, outside capture, keeps it out of the graph pool.
+        fn = self.model.ops.paged_decode_attention
+        if "scratch" not in inspect.signature(fn).parameters:
+            return None
+        kernels = importlib.import_module("river.kernels")
+        cfg = self.model.cfg
+        return kernels.alloc_decode_scratch(
+            self.buckets[-1], cfg.num_heads, cfg.head_dim, device=self.model.device
+        )
+
+    @contextlib.contextmanager
+    def _bound_ops(self):
+        """model.ops with our attention scratch bound in, for the duration (capture only: a
+        replay does not call Python)."""
+        saved = self.model.ops
+        if self._attn_scratch is not None:
+            ops = types.SimpleNamespace(**vars(saved))
+            ops.paged_decode_attention = functools.partial(
+                saved.paged_decode_attention, scratch=self._attn_scratch
+            )
+            self.model.ops = ops
+        try:
+            yield
+        finally:
+            self.model.ops = saved
+
+    def _decode_static(self, bucket: int):
+        inp = self._dev.inputs.head(bucket)
+        return self.model.decode(
+            inp.forward_batch(), self.kv, inp.exit_params(self.include_river), active=inp.active
+        )
+
+    # -------------------------------------------------------------------- run
+    def run(self, batch: ForwardBatch, exits: ExitParams, active=None):
+        """One decode step for batch's n rows: (logits float32 [n, V], used int32 [n]).
+
+        Graph mode copies the batch into the static inputs of bucket_for(n) and replays; the
+        results are views valid until the next run(). Tensors may be on the device (copied on
+        the device) or on the host (best pinned: staged in a pinned buffer, one upload). No host
+        sync either way (the host path waits only for the previous step's upload to finish
+        reading the pinned buffer)."""
+        n = batch.input_ids.shape[0]
+        if not self.padded:
+            return self.model.decode(batch, self.kv, exits, active)
+        if exits.uses_river and not self.include_river:
+            raise RuntimeError(
+                "this decode runner was captured without the river weights (backbone only), so "
+                "it cannot run 'w4'/'river' requests: attach the river (Engine.ensure_river()) "
+                "before building the runner, or call runner.capture() again after attaching it"
+            )
+        self._load(batch, exits, active, bucket_for(n, self.buckets))
+        return self.replay(n)
+
+    def replay(self, n: int):
+        """The step of bucket_for(n) on the static inputs as they are: those run() loaded, as
+        the caller has since updated them in place (e.g. `inputs.positions[:n] += 1` and the
+        sampled tokens copied into `inputs.input_ids[:n]`, all on the device). Rows n.. of the
+        bucket must still be padding, which holds while n stays the n of the last run()."""
+        if not self.padded:
+            raise RuntimeError("replay() needs static inputs: graph mode or pad_eager=True")
+        bucket = bucket_for(n, self.buckets)
+        if any(self._dev.is_pad[:n]) or not all(self._dev.is_pad[n:bucket]):
+            raise RuntimeError(f"the static inputs do not hold {n} real rows: run() first")
+        if not self.use_graphs:
+            logits, used = self._decode_static(bucket)
+        else:
+            g = self._graphs[bucket]
+            g.graph.replay()
+            logits, used = g.logits, g.used
+        return logits[:n], used[:n]
+
+    def _load(self, batch, exits, active, bucket):
+        n, width = batch.input_ids.shape[0], batch.block_tables.shape[1]
+        _check_rows(batch, exits, active, n, self.max_blocks_per_seq)
+        sources = row_sources(batch, exits, active)
+        if not (self._stage_on_host and batch.positions.device.type == "cpu"):
+            self._dev.load(sources, n, width, bucket)
+            return
+        # Host path: the host-side fields are written into a pinned twin of the static inputs
+        # and uploaded in one copy; fields already on the device (typically input_ids, the
+        # previous step's sampled tokens) are copied on the device after that upload.
+        on_host = {k: v for k, v in sources.items() if v is None or v.device.type == "cpu"}
+        on_dev = {k: v for k, v in sources.items() if k not in on_host}
+        if self._host is None:
+            rows, cuda = self._dev.inputs.rows, self.model.device.type == "cuda"
+            host = DecodeInputs.allocate(rows, self.max_blocks_per_seq, "cpu", pin_memory=cuda)
+            self._host = _Staging(host, self.padding_block, self.kv.block_size)
+            self._upload_done = torch.cuda.Event() if cuda else None
+        if self._upload_done is not None:
+            # The previous upload must have read the pinned buffer before we overwrite it. It
+            # was queued before the previous replay, so this waits for the step before that
+            # to finish on the GPU: the host stays at most one step ahead (no device sync).
+            self._upload_done.synchronize()
+        self._host.load(on_host, n, width, bucket)
+        self._dev.inputs.buffer.copy_(self._host.inputs.buffer, non_blocking=True)
+        if self._upload_done is not None:
+            self._upload_done.record()
+        self._dev.adopt(self._host)
+        self._dev.inputs.write_rows(on_dev, n)
+
+
+def _kernel_workspaces() -> list[torch.Tensor]:
+    """The Triton linears' shared split-K workspace tensors. The graphs bake in their addresses;
+    holding a reference keeps them alive if a later eager call ever grows (reallocates) them."""
+    try:
+        lin = importlib.import_module("river.kernels.linear")
+        ws = lin._WORKSPACE
+        return [*ws._ws.values(), *ws._cnt.values()]
+    except (ImportError, AttributeError):
+        return []
+
+
+# ------------------------------------------------------------------------------ forced exits
+
+
+def forced_exit_config(mode: str, layers: int) -> ExitConfig:
+    """An ExitConfig that leaves the backbone after exactly `layers` backbone layers whatever the
+    hidden states (threshold -1 passes every check), for benchmarks on random weights.
+    layers >= num_layers never exits; 0 is only possible as the river ("w4")."""
+    if mode in ("full", "w4"):
+        return ExitConfig(mode)
+    if layers <= 0:
+        if mode == "river":
+            return ExitConfig("w4")
+        raise ValueError(f"mode {mode!r} runs at least one backbone layer per token")
+    return ExitConfig(mode, threshold=-1.0, min_layer=layers)
+
+
+def forced_exit_configs(mode: str, batch: int, layers: int) -> list[ExitConfig]:
+    return [forced_exit_config(mode, layers)] * batch
+
+
+@dataclass(frozen=True)
+class ExitHistogram:
+    """counts[k] = decode tokens that ran k backbone layers, k = 0..num_layers
+    (Engine.exit_histogram())."""
+
+    counts: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "counts", tuple(float(c) for c in self.counts))
+        if len(self.counts) < 2 or any(c < 0 for c in self.counts) or sum(self.counts) <= 0:
+            raise ValueError("an exit histogram needs >= 2 non-negative counts, not all zero")
+
+    @classmethod
+    def from_json(cls, obj) -> ExitHistogram:
+        """A list of counts, or a dict with it under "counts" or "exit_histogram"."""
+        if isinstance(obj, dict):
+            obj = obj.get("counts", obj.get("exit_histogram"))
+        if not isinstance(obj, list):
+            raise ValueError("exit histogram JSON: expected a list of counts")
+        return cls(tuple(obj))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.counts) - 1
+
+    @property
+    def probs(self) -> np.ndarray:
+        c = np.asarray(self.counts, dtype=np.float64)
+        return c / c.sum()
+
+    def mean_layers(self) -> float:
+        return float((self.probs * np.arange(len(self.counts))).sum())
+
+    def rescaled(self, num_layers: int) -> ExitHistogram:
+        """The same exit depths as fractions of a model with num_layers layers: k maps to
+        k * num_layers / self.num_layers, split linearly between the two nearest integers, so
+        the mean backbone fraction is preserved exactly."""
+        if num_layers == self.num_layers:
+            return self
+        out = np.zeros(num_layers + 1)
+        for k, c in enumerate(self.counts):
+            x = k * num_layers / self.num_layers
+            lo = int(math.floor(x))
+            frac = x - lo
+            out[lo] += c * (1.0 - frac)
+            if frac > 0:
+                out[lo + 1] += c * frac
+        return ExitHistogram(tuple(out.tolist()))
+
+    def sample(self, rng: np.random.Generator, size) -> np.ndarray:
+        """Exit layer counts (int32) drawn i.i.d. from the histogram."""
+        return rng.choice(len(self.counts), size=size, p=self.probs).astype(np.int32)
+
+
+class ForcedExitSampler:
+    """Per-row exit depths drawn from a histogram each step, on the host, written into the exit
+    tensors of the rows (which must have threshold -1: see forced_exit_config): k backbone
+    layers is min_layer = k, and k = 0 is start_exited. The host RNG keeps the device free of
+    syncs; on CUDA each draw goes through a ring of pinned buffers, and a slot is rewritten only
+    once the copy that last read it has run (a wait that only happens when the host runs `ring`
+    steps ahead of the GPU)."""
+
+    def __init__(
+        self, hist: ExitHistogram, num_layers: int, rows: int, device, seed: int = 0, ring: int = 16
+    ):
+        self.hist = hist.rescaled(num_layers)
+        self.rows = rows
+        self.device = torch.device(device)
+        self._rng = np.random.default_rng(seed)
+        self._cuda = self.device.type == "cuda"
+        slots = ring if self._cuda else 1
+        self._min_layer = torch.zeros(slots, rows, dtype=torch.int32, pin_memory=self._cuda)
+        self._start = torch.zeros(slots, rows, dtype=torch.bool, pin_memory=self._cuda)
+        self._events = [torch.cuda.Event() for _ in range(slots)] if self._cuda else None
+        self._step = 0
+
+    def fill(self, min_layer: torch.Tensor, start_exited: torch.Tensor) -> np.ndarray:
+        """Draw len(min_layer) depths, copy them in; returns the draws (host int32)."""
+        n = min_layer.shape[0]
+        if n > self.rows:
+            raise ValueError(f"sampler built for {self.rows} rows, asked for {n}")
+        k = self.hist.sample(self._rng, n)
+        slot = self._step % self._min_layer.shape[0]
+        self._step += 1
+        if self._cuda:
+            self._events[slot].synchronize()
+        self._min_layer[slot, :n].numpy()[:] = k
+        self._start[slot, :n].numpy()[:] = k == 0
+        min_layer.copy_(self._min_layer[slot, :n], non_blocking=True)
+        start_exited.copy_(self._start[slot, :n], non_blocking=True)
+        if self._cuda:
+            self._events[slot].record()
+        return k
