@@ -1,10 +1,9 @@
 """River-LLM exit paths on a tiny random Llama: each mode against a hand-built reference model,
 per-row vs batch_min decisions, and the no-host-sync guarantee of the decode step."""
 
-import contextlib
-
 import pytest
 import torch
+from helpers import forbid_host_sync
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from river.checkpoint import load_config, load_weights
@@ -209,24 +208,6 @@ def test_propagate_and_mask_freeze_the_state(tiny, k):
         written = kv.valid[:, pos // 4, pos % 4]
         expect = [True] * LAYERS if mode == "propagate" else [n < k for n in range(LAYERS)]
         assert written.tolist() == expect, mode
-
-
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Make every host read of a tensor raise, as a CUDA sync would be on the GPU."""
-    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def boom(*a, **k):
-        raise AssertionError("host sync inside the decode step")
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, boom)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def test_decode_step_has_no_host_sync(tiny):

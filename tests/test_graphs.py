@@ -3,11 +3,10 @@ model.decode (CPU, on a tiny random Llama built like tests/test_exits.py), the f
 histogram sampler, and on a GPU: replay == eager for every bucket, 64 steps with no host sync,
 greedy equality."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
+from helpers import forbid_host_sync
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from river.checkpoint import load_config, load_weights
@@ -379,24 +378,6 @@ def test_host_staging_bookkeeping(tiny):
         assert torch.equal(staged._host.inputs.buffer, direct.inputs.buffer)
         torch.testing.assert_close(got, ref)
         assert used.tolist() == ref_used.tolist()
-
-
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Make every host read of a tensor raise, as a CUDA sync would be on the GPU."""
-    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def boom(*a, **k):
-        raise AssertionError("host sync inside the decode step")
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, boom)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def test_padded_run_reads_no_tensor_on_the_host(tiny):
