@@ -107,7 +107,11 @@ class Engine:
         self, prompt, params: SamplingParams | None = None, add_special_tokens: bool = True
     ) -> Request:
         """Queue one prompt; it joins the running batch at a later step()."""
-        req = self._make_request(prompt, params or SamplingParams(), add_special_tokens)
+        return self._queue(
+            self._make_request(prompt, params or SamplingParams(), add_special_tokens)
+        )
+
+    def _queue(self, req: Request) -> Request:
         if req.params.exit.mode in ("w4", "river"):
             self.ensure_river()
         req.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
@@ -217,8 +221,7 @@ class Engine:
         reqs = []
         try:
             for c in checked:
-                reqs.append(self.add_request(c.prompt_ids, c.params))
-                reqs[-1].prompt = c.prompt
+                reqs.append(self._queue(c))
             bar = None
             if use_tqdm:
                 from tqdm import tqdm
