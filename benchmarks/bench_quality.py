@@ -33,6 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--group-size", type=int, default=64, help="river quantization group size")
+    p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
+    p.add_argument(
+        "--calibration",
+        default="random-tokens",
+        choices=["random-tokens", "none"],
+        help="activation weighting of the quantizer's error (river.calibrate)",
+    )
     p.add_argument(
         "--thresholds",
         default="0.94,0.95,0.96,0.97,0.975",
@@ -167,6 +174,8 @@ def main(argv=None):
             max_num_seqs=args.max_num_seqs,
             kv_cache_tokens=32768,
             river_group_size=args.group_size,
+            river_method=args.method,
+            river_calibration=args.calibration,
         ),
     )
     num_layers = engine.model_config.num_layers
@@ -179,19 +188,31 @@ def main(argv=None):
     ident = {
         "model": str(engine.model_dir.name),
         "problems": len(problems),
+    }
+    # What the river twins depend on: rows of w4 and river are reused only when these match;
+    # full, propagate and mask never read the twins.
+    river_ident = {
         "group_size": args.group_size,
+        "river_method": args.method,
+        "river_calibration": args.calibration,
     }
     old = {}
     if out.exists() and not args.fresh:
         prev = json.loads(out.read_text())
         if all(prev.get(k) == v for k, v in ident.items()):
-            old = {key_of(r["mode"], r["threshold"], r["min_layer"]): r for r in prev["results"]}
+            same_river = all(prev.get(k) == v for k, v in river_ident.items())
+            old = {
+                key_of(r["mode"], r["threshold"], r["min_layer"]): r
+                for r in prev["results"]
+                if same_river or r["mode"] not in ("w4", "river")
+            }
     rows: dict[str, dict] = {}
 
     def save():
         payload = {
             **run_metadata(str(engine.device)),
             **ident,
+            **river_ident,
             "num_layers": num_layers,
             "results": list(rows.values()),
         }

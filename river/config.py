@@ -163,11 +163,19 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # tokens in one prefill batch
     river_group_size: int = 64
     river_method: str = "hqq"
+    # "random-tokens": weight the quantizer's error by each channel's mean squared activation,
+    # measured on random token ids (river.calibrate; no data); "none": plain weight MSE.
+    river_calibration: str = "random-tokens"
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.river_calibration not in ("random-tokens", "none"):
+            raise ValueError(
+                f"river_calibration must be 'random-tokens' or 'none', got "
+                f"{self.river_calibration!r}"
+            )
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")

@@ -70,12 +70,20 @@ class Engine:
             for n, layer in enumerate(weights["layers"])
             for p in _PROJECTIONS
         }
+        importance, tag = None, ""
+        if self.config.river_calibration == "random-tokens" and self.config.river_method != "rtn":
+            from river.calibrate import Calibration, activation_importance
+
+            calib = Calibration()
+            importance, tag = (lambda: activation_importance(self.model, calib)), calib.tag
         quantized = load_or_quantize(
             self.model_dir,
             named,
             group_size=self.config.river_group_size,
             method=self.config.river_method,
             progress=progress,
+            importance=importance,
+            importance_tag=tag,
         )
         self.model.attach_river(quantized)
 

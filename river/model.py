@@ -105,10 +105,12 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, batch: ForwardBatch, kv: KVCache, all_logits: bool = False):
+    def prefill(self, batch: ForwardBatch, kv: KVCache, all_logits: bool = False, observe=None):
         """Full-backbone pass over the new tokens of S sequences; K/V written to the cache.
 
         Returns logits [S, V] at each sequence's last new token, or [T, V] with all_logits.
+        observe(layer, name, x) sees the input [T, K] of every projection (name "qkv", "o",
+        "gate_up" or "down"); river.calibrate uses it to measure activation statistics.
         """
         ops, cfg = self.ops, self.cfg
         h = self.embed[batch.input_ids]  # [T, H]
@@ -138,9 +140,14 @@ class LlamaModel:
                 batch.context_lens,
                 self.scale,
             )
-            h = ops.linear(a.reshape(a.shape[0], -1), w.o)
-            x, residual = ops.rms_norm(h, self.post_norms[n], cfg.rms_norm_eps, residual)
-            h = ops.linear(ops.gate_up_silu(x, w.gate_up), w.down)
+            a = a.reshape(a.shape[0], -1)
+            h = ops.linear(a, w.o)
+            x2, residual = ops.rms_norm(h, self.post_norms[n], cfg.rms_norm_eps, residual)
+            act = ops.gate_up_silu(x2, w.gate_up)
+            h = ops.linear(act, w.down)
+            if observe is not None:
+                for name, t in (("qkv", x), ("o", a), ("gate_up", x2), ("down", act)):
+                    observe(n, name, t)
         if not all_logits:
             last = batch.cu_seqlens[1:].long() - 1
             h, residual = h[last], residual[last]

@@ -140,6 +140,73 @@ def test_hqq_iterations_bound_and_zero_iterations_still_refines():
         assert err < rtn
 
 
+def _importance(k, seed=0, hot=(5, 70, 100), boost=1e3):
+    """Mean squared activations: log-normal spread plus a few channels `boost` x louder, the
+    shape measured on real models (massive activations in a handful of channels)."""
+    imp = torch.randn(k, generator=_gen(seed)).mul(0.5).exp()
+    imp[list(hot)] *= boost
+    return imp
+
+
+def _weighted_group_errors(w, w4, imp, group_size=64):
+    n, k = w.shape
+    return ((w - w4.dequantize()).square() * imp).view(n, k // group_size, group_size).sum(-1)
+
+
+def test_importance_lowers_the_weighted_error_and_never_loses_a_group_to_rtn():
+    w = _weights(256, 192, seed=11)
+    imp = _importance(192)
+    plain = quantize_w4(w)
+    weighted = quantize_w4(w, importance=imp)
+    rtn = quantize_w4(w, method="rtn")
+    e_plain = _weighted_group_errors(w, plain, imp)
+    e_weighted = _weighted_group_errors(w, weighted, imp)
+    e_rtn = _weighted_group_errors(w, rtn, imp)
+    gain = 1 - float(e_weighted.sum() / e_plain.sum())
+    print(f"importance-weighted error vs unweighted hqq: -{gain:.1%}")
+    assert gain > 0.3  # the hot columns dominate: they get (nearly) exact grid points
+    assert bool((e_weighted <= e_rtn * (1 + 1e-5) + 1e-12).all())
+    # what the weighting trades away: the plain (unweighted) error goes up a little
+    assert (w - weighted.dequantize()).square().sum() > (w - plain.dequantize()).square().sum()
+
+
+def test_uniform_importance_is_plain_hqq():
+    w = _weights(64, 128, seed=12)
+    plain = quantize_w4(w)
+    for imp in (torch.ones(128), torch.full((128,), 7.5)):
+        flat = quantize_w4(w, importance=imp)
+        e_plain = (w - plain.dequantize()).square().sum()
+        e_flat = (w - flat.dequantize()).square().sum()
+        # same objective, other float summation order: equal to rounding
+        torch.testing.assert_close(e_flat, e_plain, rtol=1e-3, atol=0)
+    zero = quantize_w4(w, importance=torch.zeros(128))  # no information: unweighted
+    assert torch.equal(zero.qweight, plain.qweight)
+
+
+def test_rtn_ignores_importance_and_importance_is_validated():
+    w = _weights(16, 128, seed=13)
+    a = quantize_w4(w, method="rtn")
+    b = quantize_w4(w, method="rtn", importance=_importance(128))
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+    with pytest.raises(ValueError, match="expected K=128"):
+        quantize_w4(w, importance=torch.ones(64))
+    bad = torch.ones(128)
+    bad[3] = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        quantize_w4(w, importance=bad)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        quantize_w4(w, importance=bad)
+
+
+def test_quantize_model_uses_per_name_importance():
+    named = {"a": _weights(32, 128, 1), "b": _weights(32, 128, 2)}
+    imp = _importance(128)
+    out = quantize_model(named, progress=False, importance={"a": imp})
+    assert torch.equal(out["a"].qweight, quantize_w4(named["a"], importance=imp).qweight)
+    assert torch.equal(out["b"].qweight, quantize_w4(named["b"]).qweight)  # no entry: plain
+
+
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 def test_constant_groups_are_exact_and_finite(method):
     w = _weights(6, 256, seed=5)
@@ -361,3 +428,34 @@ def test_unwritable_everywhere_still_returns_weights(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not write"):
         out = load_or_quantize("/proc", named, method="rtn", cache_dir="/proc/x", progress=False)
     _assert_same(out, quantize_model(named, method="rtn", progress=False))
+
+
+def test_importance_has_its_own_cache_keyed_by_tag(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    named = _small_model()
+    calls = []
+
+    def importance():
+        calls.append(1)
+        return {n: _importance(w.shape[1]) for n, w in named.items()}
+
+    counter = _CountQuantize(monkeypatch)
+    plain = load_or_quantize(tmp_path, named, progress=False)
+    first = load_or_quantize(
+        tmp_path, named, progress=False, importance=importance, importance_tag="t1"
+    )
+    assert (tmp_path / "river-w4-g64-hqq-act.safetensors").is_file()
+    assert counter.calls == 2 and len(calls) == 1
+    assert not torch.equal(first["layers.0.q"].qweight, plain["layers.0.q"].qweight)
+    again = load_or_quantize(
+        tmp_path, named, progress=False, importance=importance, importance_tag="t1"
+    )
+    assert counter.calls == 2 and len(calls) == 1  # cache hit: the statistics are not measured
+    _assert_same(first, again)
+    load_or_quantize(tmp_path, named, progress=False, importance=importance, importance_tag="t2")
+    assert counter.calls == 3 and len(calls) == 2  # other statistics: rebuilt
+    # the plain cache is untouched by all of this
+    _assert_same(plain, load_or_quantize(tmp_path, named, progress=False))
+    assert counter.calls == 3
+    with pytest.raises(ValueError, match="importance_tag"):
+        load_or_quantize(tmp_path, named, progress=False, importance=importance)
