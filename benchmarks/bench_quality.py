@@ -246,11 +246,16 @@ def main(argv=None):
                 for r in prev["results"]
                 if same_river or r["mode"] not in ("w4", "river")
             }
+            # every row says which run produced it (the top-level keys describe the last run)
+            for r in old.values():
+                r.setdefault("run", {"commit": prev.get("commit"), "command": prev.get("command")})
     rows: dict[str, dict] = {}
+    meta = run_metadata(str(engine.device))
+    this_run = {"commit": meta["commit"], "command": meta["command"]}
 
     def save():
         payload = {
-            **run_metadata(str(engine.device)),
+            **meta,
             **ident,
             **river_ident,
             "num_layers": num_layers,
@@ -267,13 +272,21 @@ def main(argv=None):
     full_cfg = ExitConfig("full")
     full_row, full_top1 = teacher_forced(engine, problems, full_cfg)
     full_row["top1_agree"] = 1.0
+    # full is always rescored (its top-1 ids are the reference); its generation results, which
+    # only --no-generate runs would otherwise drop, carry over.
+    gen_keys = ("pass_at_1", "exact_match", "gen_backbone_layers", "gen_s")
+    prev_full = old.get(key_of("full", None, None), {})
     rows[key_of("full", None, None)] = {
         "mode": "full",
         "threshold": None,
         "min_layer": None,
         **full_row,
         "pass_at_1": None,
+        **{k: prev_full[k] for k in gen_keys if k in prev_full},
+        "run": this_run,
     }
+    if "pass_at_1" in prev_full:
+        rows[key_of("full", None, None)]["gen_run"] = prev_full.get("gen_run", prev_full["run"])
     configs = [("w4", None, None)]
     for mode in args.sweep_modes.split(","):
         for ml in (int(x) for x in args.min_layers.split(",")):
@@ -287,7 +300,14 @@ def main(argv=None):
             continue
         cfg = ExitConfig(mode, **({} if thr is None else {"threshold": thr, "min_layer": ml}))
         r, _ = teacher_forced(engine, problems, cfg, full_top1)
-        rows[k] = {"mode": mode, "threshold": thr, "min_layer": ml, **r, "pass_at_1": None}
+        rows[k] = {
+            "mode": mode,
+            "threshold": thr,
+            "min_layer": ml,
+            **r,
+            "pass_at_1": None,
+            "run": this_run,
+        }
         print(
             f"{mode:9s} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
             f"agree {r['top1_agree']:.3f} layers {r['backbone_layers']:.2f}",
@@ -295,6 +315,10 @@ def main(argv=None):
         )
         save()
 
+    # Rows of earlier runs that this one did not ask for stay in the file: a sweep can be
+    # extended a few configurations at a time.
+    for k, r in old.items():
+        rows.setdefault(k, r)
     if args.default_threshold is not None:
         chosen = rows.get(key_of("river", args.default_threshold, args.default_min_layer))
     else:
@@ -309,7 +333,10 @@ def main(argv=None):
         full_texts = None
         for mode, thr, ml in gen_set:
             k = key_of(mode, thr, ml)
-            row = rows[k]
+            row = rows.get(k)
+            if row is None:
+                print(f"{mode} at threshold {thr}, min_layer {ml} was not scored: no pass@1")
+                continue
             if row.get("pass_at_1") is not None and full_texts is not None and "exact_match" in row:
                 continue
             cfg = ExitConfig(mode, **({} if thr is None else {"threshold": thr, "min_layer": ml}))
@@ -317,7 +344,7 @@ def main(argv=None):
             if mode == "full":
                 full_texts = texts
             g["exact_match"] = sum(a == b for a, b in zip(texts, full_texts)) / len(texts)
-            row.update(g)
+            row.update(g, gen_run=this_run)
             print(
                 f"{mode:9s} pass@1 {g['pass_at_1']:.1f} exact-match {g['exact_match']:.3f}",
                 flush=True,
