@@ -274,7 +274,7 @@ def main(argv=None):
     full_row["top1_agree"] = 1.0
     # full is always rescored (its top-1 ids are the reference); its generation results, which
     # only --no-generate runs would otherwise drop, carry over.
-    gen_keys = ("pass_at_1", "exact_match", "gen_backbone_layers", "gen_s")
+    gen_keys = ("pass_at_1", "exact_match", "gen_backbone_layers", "gen_s", "gen_run")
     prev_full = old.get(key_of("full", None, None), {})
     rows[key_of("full", None, None)] = {
         "mode": "full",
@@ -285,8 +285,6 @@ def main(argv=None):
         **{k: prev_full[k] for k in gen_keys if k in prev_full},
         "run": this_run,
     }
-    if "pass_at_1" in prev_full:
-        rows[key_of("full", None, None)]["gen_run"] = prev_full.get("gen_run", prev_full["run"])
     configs = [("w4", None, None)]
     for mode in args.sweep_modes.split(","):
         for ml in (int(x) for x in args.min_layers.split(",")):

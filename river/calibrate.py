@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from river.kv_cache import KVCache, blocks_needed
-from river.model import ForwardBatch, LlamaModel
+from river.model import LlamaModel
+from river.scheduler import prefill_forward_batch
 
 # The projections that read each observed input (river.model.LlamaModel.prefill's names).
 _READERS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -86,18 +87,8 @@ def activation_importance(
         model.dtype,
         model.device,
     )
-    dev = model.device
-    pos = torch.arange(seq_len, device=dev)
-    tables = torch.arange(s * per_seq, dtype=torch.int32, device=dev).view(s, per_seq)
-    batch = ForwardBatch(
-        input_ids=ids.flatten().to(dev),
-        positions=pos.repeat(s),
-        # sequence i owns blocks i * per_seq ..: its token p sits in slot i * per_seq * bs + p
-        slot_mapping=(torch.arange(s, device=dev)[:, None] * per_seq * block_size + pos).flatten(),
-        block_tables=tables,
-        context_lens=torch.full((s,), seq_len, dtype=torch.int32, device=dev),
-        cu_seqlens=torch.arange(0, (s + 1) * seq_len, seq_len, dtype=torch.int32, device=dev),
-    )
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(s)]
+    batch = prefill_forward_batch(ids.tolist(), tables, block_size, model.device)
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
     def observe(layer, name, x):

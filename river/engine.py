@@ -71,7 +71,7 @@ class Engine:
             for p in _PROJECTIONS
         }
         importance, tag = None, ""
-        if self.config.river_calibration == "random-tokens" and self.config.river_method != "rtn":
+        if self.config.river_calibration == "random-tokens":
             from river.calibrate import Calibration, activation_importance
 
             calib = Calibration()

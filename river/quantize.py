@@ -578,8 +578,9 @@ def load_or_quantize(
     """The W4 twins of `named_weights`, from the cache if it matches, else quantized and cached.
 
     importance: None, or a zero-argument callable returning {name: [K] importance} (see
-    quantize_w4); it is called only when the cache misses. importance_tag names how it was
-    measured and is part of the cache identity (a different measurement rebuilds the cache).
+    quantize_w4); it is called only when the cache misses, and never for method="rtn".
+    importance_tag names how it was measured and is part of the cache identity (a different
+    measurement rebuilds the cache).
 
     The cache is `model_dir/river-w4-g{G}-{method}[-act].safetensors`; when model_dir is not
     writable it goes to `cache_dir`, or to `$RIVER_HOME/quant/<hash of model_dir>` (RIVER_HOME
@@ -589,6 +590,8 @@ def load_or_quantize(
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    if method == "rtn":
+        importance = None  # rtn has no objective to weight: one cache, no statistics pass
     if importance is not None and not importance_tag:
         raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
     model_dir = pathlib.Path(model_dir)

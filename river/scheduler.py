@@ -102,22 +102,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ batch building
     def prefill_batch(self, reqs: list[Request], device) -> ForwardBatch:
-        ids, pos, slots, cu = [], [], [], [0]
-        for r in reqs:
-            n = len(r.prompt_ids)
-            ids += r.prompt_ids
-            pos += range(n)
-            slots += slots_for(r.blocks, 0, n, self.block_size)
-            cu.append(cu[-1] + n)
-        return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(pos, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=pad_block_tables([r.blocks for r in reqs]).to(device),
-            context_lens=torch.tensor(
-                [len(r.prompt_ids) for r in reqs], dtype=torch.int32, device=device
-            ),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        return prefill_forward_batch(
+            [r.prompt_ids for r in reqs], [r.blocks for r in reqs], self.block_size, device
         )
 
     def decode_batch(self, reqs: list[Request], device) -> ForwardBatch:
@@ -136,3 +122,24 @@ class Scheduler:
                 [r.num_tokens for r in reqs], dtype=torch.int32, device=device
             ),
         )
+
+
+def prefill_forward_batch(
+    prompts: list[list[int]], tables: list[list[int]], block_size: int, device
+) -> ForwardBatch:
+    """The prefill batch of whole prompts, prompt i written into the blocks of tables[i]."""
+    ids, pos, slots, cu = [], [], [], [0]
+    for prompt, table in zip(prompts, tables, strict=True):
+        n = len(prompt)
+        ids += prompt
+        pos += range(n)
+        slots += slots_for(table, 0, n, block_size)
+        cu.append(cu[-1] + n)
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(pos, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_tables=pad_block_tables(tables).to(device),
+        context_lens=torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+    )
