@@ -14,10 +14,10 @@ install:
 	$(PIP) install -e ".[test]"
 
 test:
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests
 
 test-gpu:
-	$(PYTHON) -m pytest tests -q -m "not cpu_only"
+	$(PYTHON) -m pytest tests -m "not cpu_only"
 
 lint:
 	ruff check river kernels benchmarks tests

@@ -19,6 +19,7 @@ _EXPORTS = {
     "TokenizerError": "river.errors",
     "InvalidRequestError": "river.errors",
     "OutOfBlocksError": "river.errors",
+    "ConfigError": "river.errors",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from river.errors import ModelLoadError, UnsupportedModelError
+from river.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
 # Architectures whose checkpoints are plain Llama (same tensor names, same forward).
 _LLAMA_ARCHS = {"LlamaForCausalLM"}
@@ -166,16 +166,42 @@ class EngineConfig:
     # "random-tokens": weight the quantizer's error by each channel's mean squared activation,
     # measured on random token ids (river.calibrate; no data); "none": plain weight MSE.
     river_calibration: str = "random-tokens"
+    # CPU only: torch intra-op threads. None: $RIVER_NUM_THREADS, else $OMP_NUM_THREADS, else
+    # the cores idle at start-up (river.cpu explains why never more).
+    num_threads: int | None = None
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+            raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.river_method not in ("rtn", "hqq"):  # river.quantize.METHODS
+            raise ConfigError(f"river_method must be 'rtn' or 'hqq', got {self.river_method!r}")
         if self.river_calibration not in ("random-tokens", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"river_calibration must be 'random-tokens' or 'none', got "
                 f"{self.river_calibration!r}"
             )
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.num_threads is not None and (
+            not isinstance(self.num_threads, int) or self.num_threads <= 0
+        ):
+            raise ConfigError(f"num_threads must be a positive integer, got {self.num_threads!r}")
+        for name in ("max_num_seqs", "kv_cache_tokens", "max_prefill_tokens", "river_group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len <= 1
+        ):
+            raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(
+                f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {self.dtype!r}"
+            )
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}") from e
+            if dev.type not in ("cpu", "cuda"):
+                raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -512,7 +512,8 @@ def _source_stamp(gguf_path: pathlib.Path) -> dict:
 def _write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> None:
     """Convert into `out` (an empty directory), marker last."""
     from safetensors.numpy import save_file
-    from tqdm.auto import tqdm
+
+    from river.progress import progress_bar
 
     reader = _open_gguf(gguf_path)
     meta = _read_metadata(reader, gguf_path)
@@ -523,8 +524,8 @@ def _write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> 
     tokenizer = build_tokenizer(meta, gguf_path)
 
     raw = {}
-    bar = tqdm(
-        reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress
+    bar = progress_bar(
+        reader.tensors, desc=f"converting {gguf_path.name}", unit="tensors", enabled=progress
     )
     for t in bar:
         raw[t.name] = _dequantize(t, gguf_path)
@@ -572,7 +573,10 @@ def convert_gguf(
     if out_dir.exists() and not out_dir.is_dir():
         raise RiverError(f"output path exists and is not a directory: {out_dir}")
     if _is_nonempty_dir(out_dir) and not overwrite:
-        raise RiverError(f"output directory is not empty: {out_dir} (pass overwrite=True)")
+        raise RiverError(
+            f"output directory is not empty: {out_dir} "
+            "(pass overwrite=True; on the command line --overwrite)"
+        )
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

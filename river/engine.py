@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import sys
 import time
 from collections.abc import Iterator
 
@@ -10,7 +13,8 @@ import torch
 
 from river.checkpoint import load_config, load_weights, resolve_model_dir
 from river.config import EngineConfig
-from river.errors import InvalidRequestError
+from river.cpu import configure_threads
+from river.errors import ConfigError, InvalidRequestError
 from river.exits import FULL, ExitConfig, ExitParams
 from river.kv_cache import BlockAllocator, KVCache
 from river.model import LlamaModel
@@ -29,12 +33,22 @@ class Engine:
     """
 
     def __init__(self, model=None, config: EngineConfig | None = None, **overrides):
-        cfg = config or EngineConfig(**overrides)
         if config is not None and overrides:
-            raise TypeError("pass either an EngineConfig or keyword overrides, not both")
+            raise ConfigError("pass either an EngineConfig or keyword overrides, not both")
+        if config is None:
+            unknown = sorted(set(overrides) - set(EngineConfig.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(
+                    f"unknown Engine setting(s) {unknown}; the settings are "
+                    f"{sorted(EngineConfig.__dataclass_fields__)}"
+                )
+        cfg = config or EngineConfig(**overrides)
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
         dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.config, self.device, self.dtype = cfg, device, dtype
+        self.num_threads = configure_threads(cfg.num_threads) if device.type == "cpu" else None
         self.model_dir = resolve_model_dir(model)
         self.model_config, _ = load_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -54,6 +68,7 @@ class Engine:
             self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens
         )
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        self.generation_defaults = _generation_defaults(self.model_dir)
         self._rng = random.Random()
         self._exit_hist = torch.zeros(mc.num_layers + 1, dtype=torch.int64, device=device)
 
@@ -84,24 +99,39 @@ class Engine:
             progress=progress,
             importance=importance,
             importance_tag=tag,
+            announce=(lambda msg: print(f"river: {msg}", file=sys.stderr)) if progress else None,
         )
         self.model.attach_river(quantized)
 
     # ------------------------------------------------------------------ requests
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with this model's defaults filled in (its generation_config.json's
+        temperature/top_k/top_p where present, else temperature 1.0, top_k 0, top_p 1.0)."""
+        return SamplingParams().with_defaults(self.generation_defaults)
+
     def _make_request(self, prompt, params: SamplingParams, add_special_tokens=True) -> Request:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"params must be a SamplingParams, got {type(params).__name__}"
+            )
+        params.exit.check_depth(self.model_config.num_layers)
+        params = params.with_defaults(self.generation_defaults)
         if isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids, text = list(prompt), None
         else:
             raise InvalidRequestError(
-                f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+                f"prompt: a prompt is a string or a list of token ids, got {type(prompt).__name__}"
             )
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+            bad = next(t for t in ids if t < 0 or t >= vocab)
+            raise InvalidRequestError(f"prompt: token ids must be in [0, {vocab}), got {bad}")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
@@ -124,6 +154,7 @@ class Engine:
             self.ensure_river()
         req.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.scheduler.add(req)
+        req.start_time = time.perf_counter()  # after the twin build: it is not request time
         return req
 
     def abort(self, req: Request) -> None:
@@ -139,13 +170,19 @@ class Engine:
         """Admit and prefill waiting requests, then one decode step for the rest of the batch.
         Returns the requests that got a token."""
         sched = self.scheduler
+        sched.preempt_paused()
         admitted = sched.admit()
         progressed = []
         if admitted:
             batch = sched.prefill_batch(admitted, self.device)
             logits = self.model.prefill(batch, self.kv)
-            self._append(admitted, logits, [self.model_config.num_layers] * len(admitted))
-            progressed += admitted
+            # A resumed request only rebuilt its cache: its next token is already known.
+            fresh = [i for i, r in enumerate(admitted) if not r.output_ids]
+            if fresh:
+                rows = [admitted[i] for i in fresh]
+                logits = logits if len(fresh) == len(admitted) else logits[fresh]
+                self._append(rows, logits, [self.model_config.num_layers] * len(rows))
+                progressed += rows
         rows = [r for r in sched.running if r not in admitted]
         if rows:
             batch = sched.decode_batch(rows, self.device)
@@ -169,7 +206,10 @@ class Engine:
                 torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
                 torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
             ).tolist()
+        now = time.perf_counter()
         for r, tok, used in zip(reqs, tokens, layers_used):
+            if r.first_token_time is None:
+                r.first_token_time = now
             r.output_ids.append(tok)
             r.backbone_layers.append(used)
             self._check_stop(r, tok)
@@ -210,6 +250,7 @@ class Engine:
             backbone_layers=list(r.backbone_layers),
             num_layers=self.model_config.num_layers,
             elapsed_s=end - r.start_time,
+            first_token_s=(r.first_token_time or end) - r.start_time,
         )
 
     def generate(
@@ -219,8 +260,15 @@ class Engine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError(
+                "prompts: expected a string, a list of token ids, or a non-empty list of those, "
+                f"got {prompts!r:.80}"
+            )
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
@@ -251,19 +299,38 @@ class Engine:
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one prompt piece by piece as it is generated."""
+        with contextlib.closing(self.stream_outputs(prompt, params)) as pieces:
+            for piece, _ in pieces:
+                if piece:
+                    yield piece
+
+    def stream_outputs(
+        self, prompt, params: SamplingParams | None = None
+    ) -> Iterator[tuple[str, RequestOutput]]:
+        """Like stream(), but each new piece of text comes with the RequestOutput so far (the
+        last one is the finished result: finish reason, timings, backbone layers).
+
+        While the generator is suspended (its caller stopped reading) the request is paused:
+        steps run by other calls never decode it, and the first of them gives its KV blocks
+        back; reading again recomputes its cache (one prefill) and goes on. Closing or dropping
+        the generator aborts the request."""
         req = self.add_request(prompt, params)
         hold = max((len(s) for s in req.params.stop), default=1) - 1
         sent = 0
         try:
             while req.finish_reason is None:
-                self.step()
+                self.scheduler.resume(req)
+                req.paused = False
+                try:
+                    self.step()
+                finally:
+                    req.paused = True
                 # Keep back a tail that could still become a stop string.
                 end = len(req.text) if req.finish_reason is not None else len(req.text) - hold
-                if end > sent:
-                    yield req.text[sent:end]
-                    sent = end
-            if len(req.text) > sent:
-                yield req.text[sent:]
+                if end > sent and req.finish_reason is None:
+                    piece, sent = req.text[sent:end], end
+                    yield piece, self._output(req)
+            yield req.text[sent:], self._output(req)  # the finished result, always last
         finally:
             if req.finish_reason is None:
                 self.abort(req)
@@ -320,8 +387,47 @@ class Engine:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One assistant reply to a conversation, formatted by the model's chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = self.chat_prompt(messages)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         out = self.generate([ids], params)[0]
         out.prompt = prompt
         return out
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The conversation rendered by the chat template, ending with the assistant's turn."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidRequestError(
+                "messages: a conversation is a non-empty list of {'role', 'content'} dicts, "
+                f"got {messages!r:.80}"
+            )
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise InvalidRequestError(
+                    f"messages[{i}]: expected a dict with string 'role' and 'content', "
+                    f"got {m!r:.80}"
+                )
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+
+def _generation_defaults(model_dir) -> dict:
+    """temperature / top_k / top_p from the model's generation_config.json, where present and
+    valid (others are ignored: the file is advice, not a request)."""
+    try:
+        cfg = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    t, k, p = cfg.get("temperature"), cfg.get("top_k"), cfg.get("top_p")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf"):
+        out["temperature"] = float(t)
+    if isinstance(k, int) and not isinstance(k, bool) and k >= 0:
+        out["top_k"] = k
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1:
+        out["top_p"] = float(p)
+    if cfg.get("do_sample") is False:
+        out["temperature"] = 0.0  # transformers: do_sample=False is greedy
+    return out

@@ -27,5 +27,9 @@ class InvalidRequestError(RiverError, ValueError):
     """Bad request: prompt too long, bad sampling values..."""
 
 
+class ConfigError(RiverError, ValueError):
+    """Bad engine setting (EngineConfig / Engine keyword arguments)."""
+
+
 class OutOfBlocksError(RiverError):
     """KV pool cannot ever hold a request."""

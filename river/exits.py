@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from river.errors import InvalidRequestError
+
 MODES = ("full", "w4", "river", "propagate", "mask")
 POLICIES = ("per_row", "batch_min")
 
@@ -40,14 +42,35 @@ class ExitConfig:
     policy: str = "per_row"
 
     def __post_init__(self):
+        # InvalidRequestError is also a ValueError: callers catching either keep working.
         if self.mode not in MODES:
-            raise ValueError(f"exit mode must be one of {MODES}, got {self.mode!r}")
+            raise InvalidRequestError(f"ExitConfig: mode must be one of {MODES}, got {self.mode!r}")
         if self.policy not in POLICIES:
-            raise ValueError(f"exit policy must be one of {POLICIES}, got {self.policy!r}")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"exit threshold is a cosine in [-1, 1], got {self.threshold}")
+            raise InvalidRequestError(
+                f"ExitConfig: policy must be one of {POLICIES}, got {self.policy!r}"
+            )
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not -1.0 <= self.threshold <= 1.0
+        ):
+            raise InvalidRequestError(
+                f"ExitConfig: threshold is a cosine in [-1, 1], got {self.threshold!r}"
+            )
+        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int):
+            raise InvalidRequestError(
+                f"ExitConfig: min_layer must be an integer >= 0, got {self.min_layer!r}"
+            )
         if self.min_layer < 0:
-            raise ValueError(f"min_layer must be >= 0, got {self.min_layer}")
+            raise InvalidRequestError(f"ExitConfig: min_layer must be >= 0, got {self.min_layer}")
+
+    def check_depth(self, num_layers: int) -> None:
+        """Refuse a min_layer the model cannot honour (it would silently behave like `full`)."""
+        if self.mode in ("river", "propagate", "mask") and self.min_layer >= num_layers:
+            raise InvalidRequestError(
+                f"ExitConfig: min_layer must be in [0, {num_layers - 1}] for this "
+                f"{num_layers}-layer model, got {self.min_layer}"
+            )
 
 
 FULL = ExitConfig("full")

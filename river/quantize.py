@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import threading
 import uuid
 import warnings
@@ -436,15 +437,15 @@ def quantize_model(
     Uses as many threads as torch is configured for (one tensor each), restoring torch's
     thread count afterwards.
     """
-    from tqdm.auto import tqdm
+    from river.progress import progress_bar
 
     names = list(named_weights)
     with (
-        tqdm(
+        progress_bar(
             total=len(names),
             desc=f"river W4 g{group_size} {method}",
-            unit="w",
-            disable=not progress,
+            unit="weights",
+            enabled=progress,
         ) as bar,
         _single_threaded_ops() as threads,
     ):
@@ -574,8 +575,12 @@ def load_or_quantize(
     progress: bool = True,
     importance=None,
     importance_tag: str = "",
+    announce=None,
 ) -> dict[str, W4Weight]:
     """The W4 twins of `named_weights`, from the cache if it matches, else quantized and cached.
+
+    announce: optional callable(str) told, once, when the twins are built rather than loaded
+    (the CLI prints it: a first run of the river pauses for this).
 
     importance: None, or a zero-argument callable returning {name: [K] importance} (see
     quantize_w4); it is called only when the cache misses, and never for method="rtn".
@@ -604,6 +609,12 @@ def load_or_quantize(
         cached = _try_load(path, meta, shapes)
         if cached is not None:
             return cached
+    if announce is not None:
+        where = candidates[0] if os.access(candidates[0].parent, os.W_OK) else candidates[1]
+        announce(
+            f"building the 4-bit river twins once ({method}, group {group_size}); cache: {where}"
+        )
+        progress = progress and sys.stderr.isatty()  # that line says it; a bar only on a terminal
     imp = importance() if importance is not None else None
     quantized = quantize_model(named_weights, group_size, method, progress, imp)
     quantized = {k: v.to(device="cpu") for k, v in quantized.items()}

@@ -36,12 +36,23 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     start_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
     end_time: float | None = None
     decoder: object = None  # the tokenizer's incremental decoder for this request
+    # A request owned by a stream whose generator is suspended is paused: no step decodes it,
+    # and a step run by anyone else preempts it (its blocks go back to the pool).
+    paused: bool = False
+    preempted: bool = False
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The tokens a prefill writes into the cache: the prompt, and for a request resumed
+        after preemption every generated token but the last (which the next decode feeds)."""
+        return self.prompt_ids + self.output_ids[:-1]
 
 
 class Scheduler:
@@ -81,14 +92,28 @@ class Scheduler:
             need = self.budget_blocks(req)
             if not self.allocator.can_allocate(need):
                 break
-            if admitted and tokens + len(req.prompt_ids) > self.max_prefill_tokens:
+            if admitted and tokens + len(req.prefill_ids) > self.max_prefill_tokens:
                 break
             self.waiting.popleft()
             req.blocks = self.allocator.allocate(need)
-            tokens += len(req.prompt_ids)
+            tokens += len(req.prefill_ids)
             admitted.append(req)
             self.running.append(req)
         return admitted
+
+    def preempt_paused(self) -> None:
+        """Paused running requests give their blocks back; resume() queues them again."""
+        for req in [r for r in self.running if r.paused]:
+            self.running.remove(req)
+            self.allocator.free(req.blocks)
+            req.blocks = []
+            req.preempted = True
+
+    def resume(self, req: Request) -> None:
+        """Queue a preempted request first in line; its prefill recomputes its cache."""
+        if req.preempted:
+            req.preempted = False
+            self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:
         """Return a finished (or aborted) request's blocks to the pool."""
@@ -96,6 +121,7 @@ class Scheduler:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        req.preempted = False
         if req.blocks:
             self.allocator.free(req.blocks)
             req.blocks = []
@@ -103,7 +129,7 @@ class Scheduler:
     # ------------------------------------------------------------------ batch building
     def prefill_batch(self, reqs: list[Request], device) -> ForwardBatch:
         return prefill_forward_batch(
-            [r.prompt_ids for r in reqs], [r.blocks for r in reqs], self.block_size, device
+            [r.prefill_ids for r in reqs], [r.blocks for r in reqs], self.block_size, device
         )
 
     def decode_batch(self, reqs: list[Request], device) -> ForwardBatch:

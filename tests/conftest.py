@@ -17,6 +17,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# As the engine does (river.cpu): never more torch threads than idle cores, so a suite that
+# shares the machine with another job does not spin-wait its way to 10x slower.
+from river.cpu import configure_threads  # noqa: E402
+
+configure_threads()
+
 
 @pytest.fixture(autouse=True)
 def _seed():
