@@ -154,7 +154,8 @@ class EngineConfig:
     """How the engine lays out memory and batches work."""
 
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: torch.dtype | None = None  # None: bfloat16 on cuda, float32 on cpu
+    # None: bfloat16 on CUDA and on CPUs with native bf16 (river.cpu), else float32
+    dtype: torch.dtype | None = None
     block_size: int = 16  # tokens per KV block (power of two)
     num_blocks: int | None = None  # None: sized from kv_cache_tokens
     kv_cache_tokens: int = 65536
@@ -169,6 +170,9 @@ class EngineConfig:
     # CPU only: torch intra-op threads. None: $RIVER_NUM_THREADS, else $OMP_NUM_THREADS, else
     # the cores idle at start-up (river.cpu explains why never more).
     num_threads: int | None = None
+    # The op set (river.ops): None = "triton" on CUDA, "cpu" (the fast path) on CPU;
+    # "reference" = the plain-PyTorch oracle ops (with dtype=torch.float32: the exact path).
+    ops: str | None = None
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -194,6 +198,8 @@ class EngineConfig:
             not isinstance(self.max_model_len, int) or self.max_model_len <= 1
         ):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.ops not in (None, "reference", "cpu", "triton"):
+            raise ConfigError(f"ops must be 'reference', 'cpu' or 'triton', got {self.ops!r}")
         if self.dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(
                 f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {self.dtype!r}"

@@ -13,7 +13,7 @@ import torch
 
 from river.checkpoint import load_config, load_weights, resolve_model_dir
 from river.config import EngineConfig
-from river.cpu import configure_threads
+from river.cpu import configure_threads, default_cpu_dtype
 from river.errors import ConfigError, InvalidRequestError
 from river.exits import FULL, ExitConfig, ExitParams
 from river.kv_cache import BlockAllocator, KVCache
@@ -46,7 +46,7 @@ class Engine:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
-        dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else default_cpu_dtype())
         self.config, self.device, self.dtype = cfg, device, dtype
         self.num_threads = configure_threads(cfg.num_threads) if device.type == "cpu" else None
         self.model_dir = resolve_model_dir(model)
@@ -57,7 +57,10 @@ class Engine:
             cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
         weights = load_weights(self.model_dir, mc, dtype=dtype)
-        self.model = LlamaModel(mc, weights, device, dtype, self.max_model_len)
+        try:
+            self.model = LlamaModel(mc, weights, device, dtype, self.max_model_len, ops=cfg.ops)
+        except ValueError as e:  # an op set the device cannot run
+            raise ConfigError(str(e)) from e
         del weights
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_tokens // cfg.block_size)
         self.kv = KVCache(
@@ -90,7 +93,19 @@ class Engine:
             from river.calibrate import Calibration, activation_importance
 
             calib = Calibration()
-            importance, tag = (lambda: activation_importance(self.model, calib)), calib.tag
+
+            def measure():
+                # The statistics name the cache, so they must not depend on the CPU path's
+                # dtype: a bf16 CPU engine measures them with an fp32 reference model.
+                model = self.model
+                if self.device.type == "cpu" and self.dtype != torch.float32:
+                    model = LlamaModel(
+                        self.model_config, weights, "cpu", torch.float32, self.max_model_len,
+                        ops="reference",
+                    )  # fmt: skip
+                return activation_importance(model, calib)
+
+            importance, tag = measure, calib.tag
         quantized = load_or_quantize(
             self.model_dir,
             named,

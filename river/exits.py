@@ -93,6 +93,9 @@ class ExitParams:
     uses_backbone: bool
     uses_river: bool
     uses_kv_mask: bool
+    # False when no row can leave the backbone mid-way (only full/w4 rows): the per-layer exit
+    # decision is then skipped, which only matters on the CPU where every small op costs.
+    may_exit: bool = True
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:
@@ -116,6 +119,7 @@ class ExitParams:
             uses_backbone=any(c.mode != "w4" for c in configs),
             uses_river=any(c.mode in ("w4", "river") for c in configs),
             uses_kv_mask=any(c.mode == "mask" for c in configs),
+            may_exit=any(c.mode in ("river", "propagate", "mask") for c in configs),
         )
 
 

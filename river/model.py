@@ -41,11 +41,14 @@ class ForwardBatch:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int):
+    def __init__(
+        self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int, ops=None
+    ):
+        """ops: the op set (river.ops: "reference", "cpu" or "triton"; None = the device's)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
-        self.ops = get_ops(self.device)
+        self.ops = get_ops(self.device, ops)
 
         def dev(t):
             return t.to(device=self.device, dtype=dtype).contiguous()
@@ -72,8 +75,9 @@ class LlamaModel:
     def attach_river(self, quantized: dict) -> None:
         """quantized: {"layers.N.q": W4Weight, ...} for the seven projections of every layer.
 
-        On CUDA the W4 weights feed the W4A16 kernels; on CPU they are dequantized once, since
-        the reference ops would otherwise dequantize on every call.
+        On CUDA the W4 weights feed the W4A16 kernels. The CPU fast ops in bf16 take them as
+        torch's packed int4 (Int4CpuWeight); otherwise (fp32, or the reference ops) they are
+        dequantized once, since the reference ops would dequantize on every call.
         """
         from river.quantize import W4Weight
 
@@ -86,6 +90,13 @@ class LlamaModel:
             )
 
         def place(w):
+            if self.ops.kind == "cpu" and self.dtype == torch.bfloat16:
+                from river.kernels.cpu import Int4CpuWeight
+
+                try:
+                    return Int4CpuWeight.from_w4(w)
+                except ValueError:  # a shape the pack cannot tile: dense bf16 instead
+                    pass
             w = w.to(device=self.device, dtype=self.dtype)
             return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
 
@@ -240,7 +251,7 @@ class LlamaModel:
             self._two_path(ops.linear, mlp, n, "down", paths, a_out)
             h_new = torch.where(computing.unsqueeze(1), h_mid + a_out, h)
             used += bb.int()
-            if n + 1 < cfg.num_layers:
+            if exits.may_exit and n + 1 < cfg.num_layers:
                 exited = exited | exit_decision(n, h, h_new, bb, exits)
             h = h_new
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)

@@ -1,14 +1,17 @@
 """The op layer: every computation of the forward pass goes through one of these names.
 
-On CPU (and as test oracles) they are the plain-PyTorch references in `river.kernels.reference`;
-on CUDA they are the Triton kernels of `river.kernels`, which take the same arguments.
+Three implementations take the same arguments:
+- "reference" (`river.kernels.reference`): plain PyTorch, sync-free, the exact oracle of the
+  other two and of the tests; any device.
+- "cpu" (`river.kernels.cpu`): the CPU fast path (row masks read on the host so each weight set
+  runs only over its own rows, bf16 GEMV, packed int4 twins).
+- "triton" (`river.kernels`): the CUDA kernels.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
-
-from river.kernels import reference
 
 OP_NAMES = (
     "rms_norm",
@@ -19,13 +22,25 @@ OP_NAMES = (
     "prefill_attention",
     "sample",
 )
+OP_SETS = {
+    "reference": "river.kernels.reference",
+    "cpu": "river.kernels.cpu",
+    "triton": "river.kernels",
+}
 
 
-def get_ops(device) -> types.SimpleNamespace:
-    """The op implementations for tensors on `device` ("cpu" -> reference, "cuda" -> Triton)."""
-    impl = reference
-    if str(device).startswith("cuda"):
-        import river.kernels as triton_ops
+def default_op_set(device) -> str:
+    return "triton" if str(device).startswith("cuda") else "cpu"
 
-        impl = triton_ops
-    return types.SimpleNamespace(**{name: getattr(impl, name) for name in OP_NAMES})
+
+def get_ops(device, kind: str | None = None) -> types.SimpleNamespace:
+    """The op implementations `kind` (None: the device's default, "cpu" or "triton")."""
+    kind = kind or default_op_set(device)
+    if kind not in OP_SETS:
+        raise ValueError(f"op set must be one of {sorted(OP_SETS)}, got {kind!r}")
+    if kind == "triton" and not str(device).startswith("cuda"):
+        raise ValueError(f"the Triton ops need a CUDA device, not {device}")
+    impl = importlib.import_module(OP_SETS[kind])
+    ops = types.SimpleNamespace(**{name: getattr(impl, name) for name in OP_NAMES})
+    ops.kind = kind
+    return ops

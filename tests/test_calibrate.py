@@ -33,7 +33,7 @@ def test_activation_importance_equals_hf_forward_hooks(tiny_dir):
     forward hooks on every projection of transformers' own Llama reading the same ids."""
     from transformers import LlamaForCausalLM
 
-    engine = Engine(tiny_dir, device="cpu", kv_cache_tokens=256)
+    engine = Engine(tiny_dir, device="cpu", kv_cache_tokens=256, dtype=torch.float32)
     cfg = engine.model_config
     calib = Calibration(num_seqs=2, seq_len=300, seed=1)  # past the 256-position table: clamped
     imp = activation_importance(engine.model, calib)
@@ -78,9 +78,10 @@ def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_pa
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dir, model_dir)
-    plain = Engine(model_dir, device="cpu", kv_cache_tokens=256, river_calibration="none")
+    kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32}
+    plain = Engine(model_dir, river_calibration="none", **kw)
     plain.ensure_river(progress=False)
-    weighted = Engine(model_dir, device="cpu", kv_cache_tokens=256)
+    weighted = Engine(model_dir, **kw)
     weighted.ensure_river(progress=False)
     assert (model_dir / "river-w4-g64-hqq.safetensors").is_file()
     assert (model_dir / "river-w4-g64-hqq-act.safetensors").is_file()

@@ -32,7 +32,9 @@ def hf(default_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    return Engine(str(default_model_dir), EngineConfig(device="cpu", kv_cache_tokens=8192))
+    # The exact fp32 oracle path: compared with transformers' fp32 forward below.
+    cfg = EngineConfig(device="cpu", kv_cache_tokens=8192, dtype=torch.float32, ops="reference")
+    return Engine(str(default_model_dir), cfg)
 
 
 @pytest.fixture(scope="module")

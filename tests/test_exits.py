@@ -60,7 +60,7 @@ def build(tiny, layer_source=None, num_layers=None, river=True):
         )
     w["layers"] = layers
     cfg = mc if num_layers is None else type(mc)(**{**mc.__dict__, "num_layers": num_layers})
-    model = LlamaModel(cfg, w, "cpu", torch.float32, 128)
+    model = LlamaModel(cfg, w, "cpu", torch.float32, 128, ops="reference")
     if river:
         model.attach_river(quant)
     kv = KVCache(cfg.num_layers, 32, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")

@@ -66,7 +66,7 @@ def make_tiny(tmp_path, name, shard=False):
 
 def river_model(path, block_size=8, num_blocks=128):
     cfg, _ = load_config(path)
-    model = LlamaModel(cfg, load_weights(path, cfg), "cpu", torch.float32, 256)
+    model = LlamaModel(cfg, load_weights(path, cfg), "cpu", torch.float32, 256, ops="reference")
     kv = KVCache(
         cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
     )

@@ -1,0 +1,246 @@
+"""The CPU fast path: the reference ops' signatures and semantics, doing only the work each row
+needs, on bf16 weights and torch's packed int4 CPU matmul.
+
+Why a second CPU op set: decode on a CPU is bound by the weight bytes it reads, and the
+reference ops (the test oracles, written to be sync-free like the GPU kernels) compute both
+weight sets over every row and select with masks. Here:
+
+- A row mask is read on the host (a cheap check on a CPU, where there is no device to stall):
+  an empty mask skips the projection, a partial one gathers its rows, computes and scatters.
+  So a river batch reads the bf16 weights only for the layers its rows run in the backbone.
+- bf16 weights on CPUs with native bf16 (AVX512-BF16/AMX) halve the bytes of fp32. torch's
+  bf16 GEMM at M = 1 is slower than its GEMV, so single rows go through torch.mv.
+- River twins are `Int4CpuWeight`: torch's packed int4 layout for
+  `aten._weight_int4pack_mm_for_cpu` (0.28x of bf16's bytes at group 64).
+
+Results match the reference ops to the dtype's rounding (the reference stays the exact fp32
+oracle); this path is not meant for the no-host-sync guard, which checks the device path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from river.kernels import reference
+from river.kernels.reference import sample
+
+__all__ = [
+    "Int4CpuWeight",
+    "rms_norm",
+    "linear",
+    "gate_up_silu",
+    "qkv_rope_store",
+    "paged_decode_attention",
+    "prefill_attention",
+    "sample",
+]
+
+
+@dataclass(frozen=True)
+class Int4CpuWeight:
+    """W [N, K] as torch's CPU int4 pack: w = (q - 8) * scale + zero per group of G columns."""
+
+    packed: torch.Tensor  # uint8 [N, K // 2] in torch's CPU int4 layout
+    scales_zeros: torch.Tensor  # bf16 [K // G, N, 2]: (scale, zero) of each group
+    group_size: int
+    n: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @classmethod
+    def from_w4(cls, w) -> Int4CpuWeight:
+        """From river's W4Weight (w = (q - z) * s, z in quantized units). The scale is kept as
+        is; the zero becomes the value of code 8, (8 - z) * s, rounded once to bf16: exact
+        whenever that product is a bf16 number (z an integer and s a power-of-two multiple),
+        else within half a bf16 ulp of it."""
+        from river.quantize import unpack_int4
+
+        n, k = w.shape
+        g = w.group_size
+        if n % 16:  # the pack's tiling
+            raise ValueError(f"torch's CPU int4 pack needs N divisible by 16, got N={n}")
+        q = unpack_int4(w.qweight.cpu()).to(torch.int32)  # [N, K] in 0..15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        s = w.scales.float().cpu()  # [N, K // G]
+        zero = (8.0 - w.zeros.float().cpu()) * s
+        sz = torch.stack([s.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(packed=packed, scales_zeros=sz, group_size=g, n=n, k=k)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """W [N, K] exactly as the packed matmul sees it (for tests)."""
+        eye = torch.eye(self.k, dtype=torch.bfloat16)
+        return _matmul(eye, self).t().contiguous().to(dtype)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """reference.rms_norm in three ops (float32 statistics as in HF's LlamaRMSNorm)."""
+    if residual is not None:
+        x = x + residual
+    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return y.to(x.dtype) * weight, x
+
+
+def _rope(x, cos, sin):
+    # x [M, heads, D]; cos, sin [M, 1, D/2] float32: reference.apply_rope with the tables
+    # already gathered, so Q and K share one gather.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _matmul(x, w):
+    """x [M, K] @ W.T for a dense weight [N, K] or an Int4CpuWeight."""
+    if isinstance(w, Int4CpuWeight):
+        if x.dtype != torch.bfloat16:
+            raise TypeError("Int4CpuWeight runs with bf16 activations")
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), w.packed, w.group_size, w.scales_zeros
+        )
+    if not isinstance(w, torch.Tensor):  # a W4Weight: the oracle's dequantize-per-call path
+        w = w.dequantize(x.dtype)
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16:
+        return torch.mv(w, x[0]).unsqueeze(0)  # torch's bf16 GEMV beats its M = 1 GEMM
+    return x @ w.t()
+
+
+def _selected(row_mask):
+    """None when every row is selected, else the int64 indices of the selected rows (maybe
+    none). Reads the mask on the host: the point of this op set."""
+    if row_mask is None:
+        return None
+    idx = row_mask.nonzero().squeeze(1)
+    return None if idx.numel() == row_mask.numel() else idx
+
+
+def _rowwise(fn, x, row_mask, out, width):
+    """fn over the selected rows of x, scattered into out (zeros elsewhere when out is None)."""
+    idx = _selected(row_mask)
+    if idx is None:
+        y = fn(x)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = x.new_zeros(x.shape[0], width)
+    if idx.numel():
+        out[idx] = fn(x[idx])
+    return out
+
+
+def linear(x, weight, row_mask=None, out=None):
+    """out[m] = x[m] @ W.T for rows in row_mask (see reference.linear)."""
+    return _rowwise(lambda v: _matmul(v, weight), x, row_mask, out, weight.shape[0])
+
+
+def _gate_up(x, weight):
+    gate, up = _matmul(x, weight).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate.float()).to(x.dtype) * up
+
+
+def gate_up_silu(x, weight, row_mask=None, out=None):
+    """SiLU(x @ Wg.T) * (x @ Wu.T) over the fused [2 I, K] weight (see reference)."""
+    return _rowwise(lambda v: _gate_up(v, weight), x, row_mask, out, weight.shape[0] // 2)
+
+
+def qkv_rope_store(
+    x,
+    weight,
+    cos,
+    sin,
+    positions,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    num_heads,
+    num_kv_heads,
+    row_mask=None,
+    q_out=None,
+):
+    """Q/K/V projection, RoPE, K/V into the paged cache, for the selected rows only (see
+    reference.qkv_rope_store: rows outside row_mask write nothing and keep q_out)."""
+    idx = _selected(row_mask)
+    head_dim = k_cache.shape[-1]
+    if idx is not None:
+        if q_out is None:
+            q_out = x.new_zeros(x.shape[0], num_heads, head_dim)
+        if idx.numel():
+            q_out[idx] = qkv_rope_store(
+                x[idx],
+                weight,
+                cos,
+                sin,
+                positions[idx],
+                k_cache,
+                v_cache,
+                slot_mapping[idx],
+                num_heads,
+                num_kv_heads,
+            )
+        return q_out
+    m = x.shape[0]
+    qkv = _matmul(x, weight)
+    q, k, v = qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    qk = _rope(qkv[:, : (num_heads + num_kv_heads) * head_dim].view(m, -1, head_dim), c, s)
+    q, k = qk[:, :num_heads], qk[:, num_heads:]
+    slots = slot_mapping.long()
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.view(m, num_kv_heads, head_dim).to(
+        v_cache.dtype
+    )
+    return q if q_out is None else q_out.copy_(q)
+
+
+def _attend(q, k_cache, v_cache, tables, lens, scale, kv_valid):
+    # q [B, Hq, D]; tables [B, W] int32 (-1 padded); lens int32 [B] -> [B, Hq, D].
+    # Gather each row's blocks, then torch's SDPA with GQA; a key mask only where rows differ
+    # in length (or KV masking left holes).
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    n = tables.shape[1] * block_size
+    safe = tables.long().clamp_min(0)
+    k = k_cache[safe].view(b, n, hkv, d).transpose(1, 2)  # [B, Hkv, N, D]
+    v = v_cache[safe].view(b, n, hkv, d).transpose(1, 2)
+    mask = None
+    lens_host = lens.tolist()
+    if kv_valid is not None or min(lens_host) != n:
+        if b == 1 and kv_valid is None:
+            k, v = k[:, :, : lens_host[0]], v[:, :, : lens_host[0]]
+        else:
+            mask = torch.arange(n).unsqueeze(0) < lens.unsqueeze(1).long()  # [B, N]
+            if kv_valid is not None:
+                mask &= kv_valid[safe].view(b, n)
+            mask = mask.view(b, 1, 1, n)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+    )  # [B, Hq, 1, D]
+    if mask is not None:  # a row with nothing to attend gives zeros, as in the reference
+        out = out.nan_to_num(0.0)
+    return out.view(b, hq, d)
+
+
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale, row_mask=None, kv_valid=None
+):
+    """reference.paged_decode_attention over the selected rows (others output zeros), with
+    the block tables cut to the longest selected context (the reference reads every column)."""
+    idx = _selected(row_mask)
+    b = q.shape[0]
+    if idx is not None and not idx.numel():
+        return torch.zeros_like(q)
+    rows = slice(None) if idx is None else idx
+    lens = context_lens[rows]
+    width = -(-int(lens.max()) // k_cache.shape[1])
+    out = _attend(q[rows], k_cache, v_cache, block_tables[rows, :width], lens, scale, kv_valid)
+    if idx is None:
+        return out
+    full = q.new_zeros(b, *q.shape[1:])
+    full[idx] = out
+    return full
+
+
+prefill_attention = reference.prefill_attention
