@@ -89,3 +89,13 @@ def tiny_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_model_dir / f, path / f)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """An engine on the tiny model with a small KV pool (one per test module)."""
+    from river import Engine, EngineConfig
+
+    return Engine(
+        str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64, max_num_seqs=8)
+    )

@@ -21,3 +21,9 @@ def forbid_host_sync():
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+
+
+def assert_pool_full(engine):
+    """Every KV block is back in the pool and no request is queued or running."""
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_pool_full
 
 import river.cpu
 from river import (
     ConfigError,
     Engine,
-    EngineConfig,
     ExitConfig,
     InvalidRequestError,
     RiverError,
@@ -22,18 +22,6 @@ from river import (
 from river.progress import progress_bar
 
 GREEDY = {"temperature": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return Engine(
-        str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64, max_num_seqs=8)
-    )
-
-
-def assert_pool_full(engine):
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 # --------------------------------------------------------------------------- errors

@@ -32,8 +32,10 @@ def hf(default_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    # The exact fp32 oracle path: compared with transformers' fp32 forward below.
-    cfg = EngineConfig(device="cpu", kv_cache_tokens=8192, dtype=torch.float32, ops="reference")
+    # fp32 through the CPU fast ops, compared with transformers' fp32 forward below (the
+    # reference ops are held to transformers on the tiny configs of test_model_parity, and the
+    # fast ops to the reference in test_cpu_ops).
+    cfg = EngineConfig(device="cpu", kv_cache_tokens=8192, dtype=torch.float32)
     return Engine(str(default_model_dir), cfg)
 
 

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_pool_full
 
 from river import (
     Engine,
-    EngineConfig,
     InvalidRequestError,
     ModelLoadError,
     OutOfBlocksError,
@@ -17,18 +17,6 @@ from river import (
     TokenizerError,
     UnsupportedModelError,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return Engine(
-        str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64, max_num_seqs=8)
-    )
-
-
-def assert_pool_full(engine):
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_generate_shapes_and_order(tiny):
