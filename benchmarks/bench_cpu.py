@@ -89,9 +89,7 @@ def time_engine(engine, mode_kw, batch, args) -> dict:
         outs = engine.generate(prompts, sp)
         rates.append(decode_rate(outs))
         # Decode tokens only: the first token of each row comes from the full prefill.
-        layers.append(
-            statistics.mean(x for o in outs for x in o.backbone_layers[1:])
-        )
+        layers.append(statistics.mean(x for o in outs for x in o.backbone_layers[1:]))
     return {"tok_s": rates, "backbone_layers": statistics.mean(layers)}
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from river.kernels import reference
 from river.kernels.reference import sample
 
