@@ -15,9 +15,10 @@ from river.checkpoint import load_config, load_weights, resolve_model_dir
 from river.config import EngineConfig
 from river.cpu import configure_threads, default_cpu_dtype
 from river.errors import ConfigError, InvalidRequestError
-from river.exits import FULL, ExitConfig, ExitParams
+from river.exits import FULL, ExitConfig
 from river.kv_cache import BlockAllocator, KVCache
 from river.model import LlamaModel
+from river.runner import ModelRunner
 from river.sampling import RequestOutput, SamplingParams
 from river.scheduler import Request, Scheduler
 from river.tokenizer import Tokenizer
@@ -64,8 +65,16 @@ class Engine:
         del weights
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_tokens // cfg.block_size)
         self.kv = KVCache(
-            mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype, device
+            mc.num_layers,
+            num_blocks + 1,
+            cfg.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            dtype,
+            device,
         )
+        # The cache has one block more than the pool: its last block is the decode runner's
+        # padding block (padding rows of a bucket write there), never handed to a sequence.
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(
             self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens
@@ -73,7 +82,11 @@ class Engine:
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         self.generation_defaults = _generation_defaults(self.model_dir)
         self._rng = random.Random()
-        self._exit_hist = torch.zeros(mc.num_layers + 1, dtype=torch.int64, device=device)
+        self.runner = ModelRunner(self.model, self.kv, cfg.max_num_seqs, self.max_model_len)
+        self._launched = []  # steps launched whose tokens the engine has not read yet
+        # Tokens the last step() returned from a decode step (the rest came from a prefill);
+        # with tokens read one step behind, a request can get one of each in one call.
+        self.last_step_decode_rows = 0
 
     # ------------------------------------------------------------------ river weights
     def ensure_river(self, progress: bool = True) -> None:
@@ -117,6 +130,7 @@ class Engine:
             announce=(lambda msg: print(f"river: {msg}", file=sys.stderr)) if progress else None,
         )
         self.model.attach_river(quantized)
+        self.runner.on_river_attached()
 
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:
@@ -182,55 +196,78 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[Request]:
-        """Admit and prefill waiting requests, then one decode step for the rest of the batch.
-        Returns the requests that got a token."""
+        """One engine step: the scheduler admits and the runner prefills waiting requests, the
+        runner launches one decode step for every running row, and only then the engine reads
+        back the previous step's tokens (one step behind: on a GPU the host's stop checks and
+        detokenizing overlap the next step). Returns the requests that got tokens."""
         sched = self.scheduler
         sched.preempt_paused()
+        earlier, self._launched = self._launched, []
         admitted = sched.admit()
-        progressed = []
         if admitted:
-            batch = sched.prefill_batch(admitted, self.device)
-            logits = self.model.prefill(batch, self.kv)
-            # A resumed request only rebuilt its cache: its next token is already known.
-            fresh = [i for i, r in enumerate(admitted) if not r.output_ids]
-            if fresh:
-                rows = [admitted[i] for i in fresh]
-                logits = logits if len(fresh) == len(admitted) else logits[fresh]
-                self._append(rows, logits, [self.model_config.num_layers] * len(rows))
-                progressed += rows
-        rows = [r for r in sched.running if r not in admitted]
+            self._prefill(admitted)
+        rows = [
+            r
+            for r in sched.running
+            if not r.paused and r.finish_reason is None and r.scheduled < r.max_tokens
+        ]
         if rows:
-            batch = sched.decode_batch(rows, self.device)
-            exits = ExitParams.build([r.params.exit for r in rows], self.device)
-            logits, used = self.model.decode(batch, self.kv, exits)
-            self._exit_hist.index_add_(0, used.long(), torch.ones_like(used, dtype=torch.int64))
-            self._append(rows, logits, used.tolist())
-            progressed += rows
+            self._decode(rows)
+        progressed = []
+        self.last_step_decode_rows = 0
+        for launched in earlier:
+            got = self._postprocess(launched)
+            if launched.layers is None:  # a decode step (a prefill's rows all ran the backbone)
+                self.last_step_decode_rows += len(got)
+            progressed += got
         return progressed
 
-    def _append(self, reqs: list[Request], logits, layers_used: list[int]) -> None:
-        if all(r.params.temperature == 0 for r in reqs):
-            tokens = logits.argmax(-1).tolist()  # all greedy: skip the sampler's vocab sort
-        else:
-            dev = logits.device
-            tokens = self.model.ops.sample(
-                logits,
-                torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev),
-                torch.tensor([r.params.top_k for r in reqs], dtype=torch.int32, device=dev),
-                torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
-                torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-                torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
-            ).tolist()
+    def _prefill(self, admitted: list[Request]) -> None:
+        batch = self.scheduler.prefill_batch(admitted, self.device)
+        fresh = [i for i, r in enumerate(admitted) if not r.output_ids]
+        launched = self.runner.prefill(admitted, batch, fresh)
+        for r in admitted:
+            if r.output_ids:  # recomputed after preemption: its next input is known
+                r.source, r.host_token = -1, r.output_ids[-1]
+        if launched is not None:
+            for j, r in enumerate(launched.reqs):
+                r.source, r.host_token, r.source_step = self.runner.rows + j, 0, None
+                r.scheduled = 1
+            self._launched.append(launched)
+
+    def _decode(self, rows: list[Request]) -> None:
+        last = self.runner.num_decode_steps
+        for r in rows:
+            if r.source_step is not None and r.source_step != last:
+                raise RuntimeError(  # a bookkeeping bug, never a user error
+                    f"request {r.request_id}: its token is on the board of decode step "
+                    f"{r.source_step}, but the board holds step {last}"
+                )
+        launched = self.runner.decode_step(
+            rows, [r.source for r in rows], [r.host_token for r in rows], self.config.block_size
+        )
+        for i, r in enumerate(rows):
+            r.source, r.host_token, r.source_step = i, 0, last + 1
+            r.scheduled += 1
+        self._launched.append(launched)
+
+    def _postprocess(self, launched) -> list[Request]:
+        tokens, layers = self.runner.collect(launched)
         now = time.perf_counter()
-        for r, tok, used in zip(reqs, tokens, layers_used):
+        got = []
+        for r, tok, used in zip(launched.reqs, tokens, layers):
+            if r.finish_reason is not None:
+                continue  # finished (or aborted) while this step ran: a wasted row-step
             if r.first_token_time is None:
                 r.first_token_time = now
             r.output_ids.append(tok)
             r.backbone_layers.append(used)
+            got.append(r)
             self._check_stop(r, tok)
             if r.finish_reason is not None:
                 r.end_time = time.perf_counter()
                 self.scheduler.finish(r)
+        return got
 
     def _check_stop(self, r: Request, tok: int) -> None:
         is_eos = tok in self.eos_ids and not r.params.ignore_eos
@@ -394,10 +431,11 @@ class Engine:
         return list(text_or_ids)
 
     def exit_histogram(self, reset: bool = False) -> list[int]:
-        """counts[k] = decode tokens (of generate/stream) that ran k backbone layers."""
-        counts = self._exit_hist.tolist()
+        """counts[k] = decode row-steps (of generate/stream/serve) that ran k backbone layers
+        (a row that hit a stop string may run one step more than it returns)."""
+        counts = self.runner.hist.tolist()
         if reset:
-            self._exit_hist.zero_()
+            self.runner.hist.zero_()
         return counts
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:

@@ -99,9 +99,19 @@ _LAYOUT = (
     ("start_exited", torch.bool),
     ("after", torch.int8),
     ("batch_min", torch.bool),
+    ("src_index", torch.int64),
+    ("host_tokens", torch.int64),
+    ("temperature", torch.float32),
+    ("top_k", torch.int32),
+    ("top_p", torch.float32),
+    ("seed", torch.int64),
+    ("offset", torch.int64),
 )
 _BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens")
 _EXIT_FIELDS = ("threshold", "min_layer", "start_exited", "after", "batch_min")
+# The fields of a sampling step (sampler=True): where each row's input token comes from, and
+# the row's sampling settings.
+SAMPLING_FIELDS = ("src_index", "host_tokens", "temperature", "top_k", "top_p", "seed", "offset")
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,16 @@ class DecodeInputs:
     start_exited: torch.Tensor  # bool [R]
     after: torch.Tensor  # int8 [R]
     batch_min: torch.Tensor  # bool [R]   ... to here (but active)
+    # Sampling steps: the input token of row r is board[src_index[r]] of the runner's token
+    # board, or host_tokens[r] where src_index[r] < 0 (a token the host knows, e.g. after a
+    # preempted request was recomputed); then the row's sampling settings.
+    src_index: torch.Tensor  # int64 [R]
+    host_tokens: torch.Tensor  # int64 [R]
+    temperature: torch.Tensor  # float32 [R]; 0 = greedy
+    top_k: torch.Tensor  # int32 [R]; 0 = off
+    top_p: torch.Tensor  # float32 [R]; 1 = off
+    seed: torch.Tensor  # int64 [R]
+    offset: torch.Tensor  # int64 [R]: the row's generated-token index (its sampling counter)
 
     @classmethod
     def allocate(cls, rows: int, max_blocks: int, device, pin_memory: bool = False):
@@ -196,6 +216,13 @@ class DecodeInputs:
         self.start_exited[rows].fill_(False)
         self.after[rows].fill_(AFTER_RIVER)
         self.batch_min[rows].fill_(False)
+        self.src_index[rows].fill_(-1)
+        self.host_tokens[rows].fill_(0)
+        self.temperature[rows].fill_(0.0)
+        self.top_k[rows].fill_(0)
+        self.top_p[rows].fill_(1.0)
+        self.seed[rows].fill_(0)
+        self.offset[rows].fill_(0)
 
 
 class _Staging:
@@ -231,11 +258,14 @@ class _Staging:
         self.table_dirty = other.table_dirty
 
 
-def row_sources(batch: ForwardBatch, exits: ExitParams, active) -> dict:
-    """{DecodeInputs field: the tensor its rows come from} (active: None = all rows active)."""
+def row_sources(batch: ForwardBatch, exits: ExitParams, active, sampling=None) -> dict:
+    """{DecodeInputs field: the tensor its rows come from} (active: None = all rows active;
+    sampling: None, or {SAMPLING_FIELDS name: tensor})."""
     src = {name: getattr(batch, name) for name in _BATCH_FIELDS}
     src.update({name: getattr(exits, name) for name in _EXIT_FIELDS})
     src["active"] = active
+    if sampling is not None:
+        src.update(sampling)
     return src
 
 
@@ -266,7 +296,7 @@ def _check_rows(batch: ForwardBatch, exits: ExitParams, active, n: int, max_bloc
 @dataclass
 class _Graph:
     graph: object  # torch.cuda.CUDAGraph
-    logits: torch.Tensor  # float32 [bucket, V], written by every replay
+    out: torch.Tensor  # float32 logits [bucket, V], or int64 tokens [bucket] (sampler=True)
     used: torch.Tensor  # int32 [bucket]
 
 
@@ -294,8 +324,18 @@ class DecodeGraphRunner:
         include_river: bool | None = None,
         pad_eager: bool = False,
         padding_block: int | None = None,
+        sampler: bool = False,
     ):
         on_cuda = model.device.type == "cuda"
+        # sampler=True: each step also gathers its input tokens from the token board, samples
+        # the next tokens, writes them to the board and counts the exit histogram, all inside
+        # the (captured) step; step() returns tokens instead of logits.
+        self.sampler = sampler
+        if sampler and not (pad_eager or enabled or (enabled is None and on_cuda)):
+            raise ValueError("sampler=True needs the static inputs: graphs or pad_eager=True")
+        rows = graph_buckets(max_num_seqs)[-1]
+        self.board = torch.zeros(2 * rows, dtype=torch.int64, device=model.device)
+        self.hist = torch.zeros(model.cfg.num_layers + 1, dtype=torch.int64, device=model.device)
         if enabled and not on_cuda:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
         self.model, self.kv = model, kv
@@ -361,7 +401,7 @@ class DecodeGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits, used = self._decode_static(b)
-                self._graphs[b] = _Graph(graph, logits, used)
+                self._graphs[b] = _Graph(graph, logits, used)  # tokens when sampling
         torch.cuda.synchronize()
 
     def _alloc_attention_scratch(self):
@@ -392,15 +432,37 @@ class DecodeGraphRunner:
         finally:
             self.model.ops = saved
 
-    def _decode_static(self, bucket: int):
+    def _decode_static(self, bucket: int, flags: dict | None = None, greedy: bool = False):
+        """The step a graph captures, on the static inputs of `bucket`. flags: host facts of the
+        batch (ExitParams' uses_*/may_exit) an eager step may use to skip work; a graph has
+        every path. greedy: every row is greedy (eager only: argmax instead of the sampler)."""
         inp = self._dev.inputs.head(bucket)
-        return self.model.decode(
-            inp.forward_batch(), self.kv, inp.exit_params(self.include_river), active=inp.active
-        )
+        exits = inp.exit_params(self.include_river)
+        if flags:
+            exits = replace(exits, **flags)
+        if self.sampler:
+            src = inp.src_index
+            ids = torch.where(src >= 0, self.board[src.clamp_min(0)], inp.host_tokens)
+            inp.input_ids.copy_(ids)
+        logits, used = self.model.decode(inp.forward_batch(), self.kv, exits, active=inp.active)
+        if not self.sampler:
+            return logits, used
+        if greedy:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = self.model.ops.sample(
+                logits, inp.temperature, inp.top_k, inp.top_p, inp.seed, inp.offset
+            )
+        self.board[:bucket].copy_(tokens)
+        self.hist.index_add_(0, used.long(), inp.active.long())
+        return tokens, used
 
     # -------------------------------------------------------------------- run
-    def run(self, batch: ForwardBatch, exits: ExitParams, active=None):
-        """One decode step for batch's n rows: (logits float32 [n, V], used int32 [n]).
+    def run(self, batch: ForwardBatch, exits: ExitParams, active=None, sampling=None, greedy=False):
+        """One decode step for batch's n rows: (logits float32 [n, V], used int32 [n]); with
+        sampler=True, (tokens int64 [n], used) and `sampling` ({SAMPLING_FIELDS: [n] tensors})
+        is required (batch.input_ids is then ignored: src_index/host_tokens say where each
+        row's token comes from).
 
         Graph mode copies the batch into the static inputs of bucket_for(n) and replays; the
         results are views valid until the next run(). Tensors may be on the device (copied on
@@ -410,16 +472,26 @@ class DecodeGraphRunner:
         n = batch.input_ids.shape[0]
         if not self.padded:
             return self.model.decode(batch, self.kv, exits, active)
+        if not self.use_graphs:
+            self.include_river = self._want_river()  # eager: whatever is attached now
         if exits.uses_river and not self.include_river:
             raise RuntimeError(
                 "this decode runner was captured without the river weights (backbone only), so "
                 "it cannot run 'w4'/'river' requests: attach the river (Engine.ensure_river()) "
                 "before building the runner, or call runner.capture() again after attaching it"
             )
-        self._load(batch, exits, active, bucket_for(n, self.buckets))
-        return self.replay(n)
+        if self.sampler and sampling is None:
+            raise ValueError("a sampler runner needs the rows' sampling settings")
+        self._load(batch, exits, active, bucket_for(n, self.buckets), sampling)
+        flags = {
+            "uses_backbone": exits.uses_backbone,
+            "uses_river": exits.uses_river and self.include_river,
+            "uses_kv_mask": exits.uses_kv_mask,
+            "may_exit": exits.may_exit,
+        }
+        return self.replay(n, flags, greedy)
 
-    def replay(self, n: int):
+    def replay(self, n: int, flags: dict | None = None, greedy: bool = False):
         """The step of bucket_for(n) on the static inputs as they are: those run() loaded, as
         the caller has since updated them in place (e.g. `inputs.positions[:n] += 1` and the
         sampled tokens copied into `inputs.input_ids[:n]`, all on the device). Rows n.. of the
@@ -430,17 +502,21 @@ class DecodeGraphRunner:
         if any(self._dev.is_pad[:n]) or not all(self._dev.is_pad[n:bucket]):
             raise RuntimeError(f"the static inputs do not hold {n} real rows: run() first")
         if not self.use_graphs:
-            logits, used = self._decode_static(bucket)
+            out, used = self._decode_static(bucket, flags, greedy)
         else:
             g = self._graphs[bucket]
             g.graph.replay()
-            logits, used = g.logits, g.used
-        return logits[:n], used[:n]
+            out, used = g.out, g.used
+        return out[:n], used[:n]
 
-    def _load(self, batch, exits, active, bucket):
+    def _load(self, batch, exits, active, bucket, sampling=None):
         n, width = batch.input_ids.shape[0], batch.block_tables.shape[1]
         _check_rows(batch, exits, active, n, self.max_blocks_per_seq)
-        sources = row_sources(batch, exits, active)
+        if sampling is not None:
+            for name in SAMPLING_FIELDS:
+                if sampling[name].shape != (n,):
+                    raise ValueError(f"sampling[{name!r}] must have {n} rows")
+        sources = row_sources(batch, exits, active, sampling)
         if not (self._stage_on_host and batch.positions.device.type == "cpu"):
             self._dev.load(sources, n, width, bucket)
             return

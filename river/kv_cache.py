@@ -26,6 +26,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.ones(shape[:3], dtype=torch.bool, device=device)
+        # Marking slots valid writes this device scalar: a Python True would become a host
+        # tensor copied to the device on every write (a sync, and illegal in a captured graph).
+        self.true = torch.ones((), dtype=torch.bool, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

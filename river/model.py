@@ -127,7 +127,7 @@ class LlamaModel:
         h = self.embed[batch.input_ids]  # [T, H]
         residual = None
         block, offset = _block_offset(batch.slot_mapping, kv.block_size)
-        kv.valid[:, block, offset] = True  # a KV-masked request may have left holes here
+        kv.valid[:, block, offset] = kv.true  # a KV-masked request may have left holes here
         for n, w in enumerate(self.layers):
             x, residual = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps, residual)
             q = ops.qkv_rope_store(
@@ -191,7 +191,7 @@ class LlamaModel:
         block, offset = _block_offset(batch.slot_mapping, kv.block_size)
         # The slot may last have been left as a hole by a KV-masked request: mark it written in
         # every layer once, and let KV masking punch its holes below.
-        kv.valid[:, block, offset] = True
+        kv.valid[:, block, offset] = kv.true
         for n, w in enumerate(self.layers):
             bb = active & ~exited  # rows in the bf16 backbone at this layer
             rv = active & exited & (exits.after == AFTER_RIVER)

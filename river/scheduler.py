@@ -43,6 +43,14 @@ class Request:
     # and a step run by anyone else preempts it (its blocks go back to the pool).
     paused: bool = False
     preempted: bool = False
+    # Decode bookkeeping from counts (the runner hands tokens back one step behind):
+    # scheduled = generated tokens launched so far (read back or not); the next input token is
+    # on the runner's token board at `source`, or is `host_token` when source is -1;
+    # source_step = the decode step whose outputs `source` points into (None: the prefill's).
+    scheduled: int = 0
+    source: int = -1
+    host_token: int = 0
+    source_step: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +121,7 @@ class Scheduler:
         """Queue a preempted request first in line; its prefill recomputes its cache."""
         if req.preempted:
             req.preempted = False
+            req.source, req.source_step = -1, None
             self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:
@@ -122,6 +131,7 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         req.preempted = False
+        req.source, req.source_step = -1, None
         if req.blocks:
             self.allocator.free(req.blocks)
             req.blocks = []

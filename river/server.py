@@ -307,8 +307,7 @@ class EngineLoop:
             _post(events)
             return
         t1 = time.perf_counter()
-        # A request gets one token per step: its first from the prefill, later ones from decode.
-        rows = sum(len(r.output_ids) > 1 for r in progressed)
+        rows = engine.last_step_decode_rows  # tokens that came from a decode step
         self._generated += len(progressed)
         if rows:
             self._decode_steps += 1
