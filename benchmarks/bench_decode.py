@@ -456,7 +456,7 @@ class Bench:
         import torch
 
         from river.exits import ExitParams
-        from river.graphs import ForcedExitSampler, forced_exit_configs
+        from forced_exits import ForcedExitSampler, forced_exit_configs
         from river.model import ForwardBatch
 
         args, dev, cfg = self.args, self.device, self.model.cfg
@@ -724,7 +724,7 @@ def main(argv=None):
         return
     import torch
 
-    from river.graphs import ExitHistogram
+    from forced_exits import ExitHistogram
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tiny and device.type == "cpu":

@@ -3,6 +3,9 @@ model.decode (CPU, on a tiny random Llama built like tests/test_exits.py), the f
 histogram sampler, and on a GPU: replay == eager for every bucket, 64 steps with no host sync,
 greedy equality."""
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,17 +17,21 @@ from river.exits import AFTER_RIVER, ExitConfig, ExitParams
 from river.graphs import (
     DecodeGraphRunner,
     DecodeInputs,
-    ExitHistogram,
-    ForcedExitSampler,
     GraphBuckets,
     bucket_for,
-    forced_exit_config,
-    forced_exit_configs,
     graph_buckets,
 )
 from river.kv_cache import KVCache, pad_block_tables, slots_for
 from river.model import ForwardBatch, LlamaModel
 from river.quantize import quantize_w4
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from forced_exits import (  # noqa: E402
+    ExitHistogram,
+    ForcedExitSampler,
+    forced_exit_config,
+    forced_exit_configs,
+)
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 LAYERS = 4
