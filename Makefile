@@ -4,7 +4,8 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test test-gpu lint format run bench-quality bench-kernels bench-decode clean
+.PHONY: install test test-gpu lint format run bench-quality bench-kernels bench-decode gpu-check \
+	gpu-check-dry clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)
@@ -38,6 +39,18 @@ bench-kernels:
 
 bench-decode:
 	$(PYTHON) benchmarks/bench_decode.py
+
+# Everything owed to a GPU in one run of at most 7 minutes, from a plain checkout (no install:
+# PYTHONPATH makes `river` importable; the script maps `river.kernels` to kernels/ itself).
+# Extra flags: make gpu-check GPU_CHECK_ARGS="--gguf path/to/model.gguf"
+GPU_CHECK = PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) benchmarks/gpu_check.py
+
+gpu-check:
+	$(GPU_CHECK) $(GPU_CHECK_ARGS)
+
+# The same steps on CPU (Triton interpreter, tiny shapes): checks the script, not the GPU.
+gpu-check-dry:
+	$(GPU_CHECK) --dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

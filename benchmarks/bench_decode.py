@@ -454,9 +454,9 @@ class Bench:
     def time_mode(self, mode, batch, hist):
         """(seconds for args.steps steps, mean backbone layers per token)."""
         import torch
+        from forced_exits import ForcedExitSampler, forced_exit_configs
 
         from river.exits import ExitParams
-        from forced_exits import ForcedExitSampler, forced_exit_configs
         from river.model import ForwardBatch
 
         args, dev, cfg = self.args, self.device, self.model.cfg
@@ -723,7 +723,6 @@ def main(argv=None):
         record_histogram(args)
         return
     import torch
-
     from forced_exits import ExitHistogram
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -231,3 +231,26 @@ def test_guard_fails_a_step_with_a_planted_sync(tiny_fp32, monkeypatch, planted)
     monkeypatch.undo()
     assert_pool_full(tiny_fp32)
     assert len(tiny_fp32.generate("Hello", SamplingParams(max_tokens=3))[0].token_ids) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_decode_steps_do_not_sync(tiny_dir):
+    """On a GPU: the engine's decode steps (upload + graph replay) under torch's sync debug
+    mode, 64 steps with exits, joins and leaves; output equal to the CPU fp32 reference is not
+    expected in bf16, so this checks syncs and bookkeeping only."""
+    engine = Engine(str(tiny_dir), device="cuda", block_size=8, num_blocks=96, max_num_seqs=8)
+    engine.ensure_river(progress=False)
+    real = engine.runner.decode.run
+
+    def run(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.decode.run = run
+    reqs = _drive(engine, 64)
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert sum(engine.exit_histogram()) > 0
+    assert_pool_full(engine)
