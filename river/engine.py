@@ -244,7 +244,7 @@ class Engine:
                     f"{r.source_step}, but the board holds step {last}"
                 )
         launched = self.runner.decode_step(
-            rows, [r.source for r in rows], [r.host_token for r in rows], self.config.block_size
+            rows, [r.source for r in rows], [r.host_token for r in rows]
         )
         for i, r in enumerate(rows):
             r.source, r.host_token, r.source_step = i, 0, last + 1

@@ -108,10 +108,10 @@ class ModelRunner:
             logits, p["temperature"], p["top_k"], p["top_p"], p["seed"], p["offset"]
         )
 
-    def decode_step(self, reqs, sources: list[int], host_tokens: list[int], block_size: int):
+    def decode_step(self, reqs, sources: list[int], host_tokens: list[int]):
         """One decode step over `reqs` (each has `scheduled` tokens so far). sources[i] is the
         board slot of row i's input token, or -1 with host_tokens[i] the token."""
-        n = len(reqs)
+        n, block_size = len(reqs), self.kv.block_size
         pos = [len(r.prompt_ids) + r.scheduled - 1 for r in reqs]
         slots = [slots_for(r.blocks, p, p + 1, block_size)[0] for r, p in zip(reqs, pos)]
         batch = ForwardBatch(
