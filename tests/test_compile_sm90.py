@@ -22,6 +22,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+# Minutes of real work: `make test-slow` (CI runs it) rather than the quick `make test`.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compile_sm90.py"
 MODELS = ("smollm2-135m", "llama-3.1-8b")

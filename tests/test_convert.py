@@ -31,6 +31,7 @@ def hf_model(default_gguf):
     return model.config, model.state_dict()
 
 
+@pytest.mark.slow
 def test_weights_match_transformers(default_model_dir, hf_model):
     hf_config, hf_sd = hf_model
     ours = load_file(default_model_dir / "model.safetensors")
@@ -44,6 +45,7 @@ def test_weights_match_transformers(default_model_dir, hf_model):
     assert torch.equal(hf_sd["lm_head.weight"], ours["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_config_matches_transformers(default_model_dir, hf_model):
     hf_config, _ = hf_model
     cfg = json.loads((default_model_dir / "config.json").read_text())

@@ -14,6 +14,9 @@ from river.kv_cache import pad_block_tables, slots_for
 from river.model import ForwardBatch
 
 ATOL, RTOL = 2e-4, 1e-4
+# Minutes of real work: `make test-slow` (CI runs it) rather than the quick `make test`.
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "def fibonacci(n):",
     "The capital of France is",
