@@ -13,7 +13,6 @@ times; the JSON keeps every repeat and the table shows the median with its min-m
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -22,18 +21,16 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import RESULTS, run_metadata, write_json  # noqa: E402
+import arguments  # noqa: E402
+from common import RESULTS, plot_path, run_metadata, write_json  # noqa: E402
+from plots import cpu_speed  # noqa: E402
+from prompts import prompts  # noqa: E402
+from timing import median_spread  # noqa: E402
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "The capital of France is",
-    "import numpy as np\n",
-    "Once upon a time, in a small village,",
-    "class Stack:\n    def __init__(self):",
-    "def quicksort(arr):",
-    "# Binary search over a sorted list\n",
-    "The three laws of thermodynamics are",
-]
+PROMPTS = prompts(
+    "fibonacci", "france", "numpy", "village", "stack", "quicksort", "binary-search",
+    "thermodynamics",
+)  # fmt: skip
 # name -> ExitConfig kwargs; river4 is the river forced to leave after exactly 4 layers.
 MODES = {
     "full": {"mode": "full"},
@@ -46,25 +43,20 @@ MODES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="CPU decode tok/s of river's Engine per exit mode vs HF transformers "
+    p = arguments.parser(
+        "CPU decode tok/s of river's Engine per exit mode vs HF transformers "
         "(and llama.cpp when installed); JSON, markdown table and plot.",
+        raw=False,
     )
-    p.add_argument("--model", default=None, help="HF Llama dir (default: the default model)")
-    p.add_argument("--batches", default="1,8", help="comma list of batch sizes (default 1,8)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
+    arguments.add_model(p)
+    arguments.add_list(p, "--batches", "batch sizes", "1,8", arguments.positive_int)
+    arguments.add_list(p, "--modes", "modes", ",".join(MODES), choices=MODES, note="all")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (default 3)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
-    p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
-    p.add_argument("--out", default=str(RESULTS / "decode-cpu.json"), help="JSON path")
-    p.add_argument("--plot", default=None, help="PNG path (default: beside the JSON)")
+    arguments.add_switches(p, {"--skip-hf": "no transformers baseline"})
+    arguments.add_outputs(p, "decode-cpu.json", default=str(RESULTS / "decode-cpu.json"))
     args = p.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.modes = args.modes.split(",")
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"argument --modes: unknown mode {m!r} (choose from {list(MODES)})")
     if args.tokens < 2 or args.repeats < 1:
         p.error("argument --tokens: need >= 2 tokens and >= 1 repeat")
     return args
@@ -143,18 +135,14 @@ def time_llama_cpp(gguf, threads, args) -> dict | None:
     return {"tok_s": rates}
 
 
-def summary(rates) -> tuple[float, float, float]:
-    return statistics.median(rates), min(rates), max(rates)
-
-
 def print_table(rows) -> str:
     lines = [
         "| engine / mode | batch | decode tok/s (median, min-max) | x full | bf16 layers/token |",
         "|---|---|---|---|---|",
     ]
-    full = {r["batch"]: summary(r["tok_s"])[0] for r in rows if r["name"] == "river full"}
+    full = {r["batch"]: median_spread(r["tok_s"])[0] for r in rows if r["name"] == "river full"}
     for r in rows:
-        med, lo, hi = summary(r["tok_s"])
+        med, lo, hi = median_spread(r["tok_s"])
         ref = full.get(r["batch"])
         ratio = f"{med / ref:.2f}x" if ref else ""
         layers = f"{r['backbone_layers']:.2f}" if "backbone_layers" in r else ""
@@ -164,32 +152,6 @@ def print_table(rows) -> str:
     text = "\n".join(lines)
     print(text)
     return text
-
-
-def plot(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        sel = [r for r in rows if r["batch"] == b]
-        names = [r["name"] for r in sel]
-        meds = [summary(r["tok_s"])[0] for r in sel]
-        errs = [
-            [m - summary(r["tok_s"])[1] for m, r in zip(meds, sel)],
-            [summary(r["tok_s"])[2] - m for m, r in zip(meds, sel)],
-        ]
-        colors = ["tab:blue" if n.startswith("river") else "tab:gray" for n in names]
-        ax.barh(names, meds, xerr=errs, color=colors)
-        ax.invert_yaxis()
-        ax.set_xlabel("decode tok/s (higher is better)")
-        ax.set_title(f"batch {b}")
-    fig.suptitle("CPU decode speed (median of repeats, bars = min-max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -208,16 +170,16 @@ def main(argv=None) -> int:
         for m in args.modes:
             r = time_engine(engine, MODES[m], b, args)
             rows.append({"name": f"river {m}", "batch": b, **r})
-            print(f"river {m} b={b}: {summary(r['tok_s'])[0]:.1f} tok/s", flush=True)
+            print(f"river {m} b={b}: {median_spread(r['tok_s'])[0]:.1f} tok/s", flush=True)
     model_dir = resolve_model_dir(args.model)
     if not args.skip_hf:
         for dt in (torch.float32, torch.bfloat16):
             for b in args.batches:
                 r = time_hf(model_dir, dt, b, args)
                 rows.append({"name": f"HF transformers eager {str(dt)[6:]}", "batch": b, **r})
-                print(f"HF {dt} b={b}: {summary(r['tok_s'])[0]:.1f} tok/s", flush=True)
+                print(f"HF {dt} b={b}: {median_spread(r['tok_s'])[0]:.1f} tok/s", flush=True)
     if args.model is None:
-        from river.convert import default_gguf_path
+        from river.model_cache import default_gguf_path
 
         r = time_llama_cpp(default_gguf_path(), engine.num_threads, args)
         if r is not None:
@@ -233,8 +195,8 @@ def main(argv=None) -> int:
         "table": table,
     }
     write_json(out, payload)
-    png = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
-    plot(rows, png)
+    png = plot_path(args.plot, out)
+    cpu_speed(rows, png)
     print(f"wrote {out} and {png}")
     return 0
 

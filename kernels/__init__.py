@@ -10,37 +10,23 @@ interpreter is chosen. Nothing here launches anything; importing works without a
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
+# op -> module. No module is named like an op: importing a module sets the package attribute
+# of its name, which would otherwise shadow the op.
 _EXPORTS = {
-    "rms_norm": "rms_norm",
-    "linear": "linear",
-    "gate_up_silu": "linear",
+    "rms_norm": "norm",
+    "linear": "matmul",
+    "gate_up_silu": "matmul",
     "qkv_rope_store": "qkv_rope",
     "paged_decode_attention": "decode_attention",
     "DecodeAttentionScratch": "decode_attention",
     "alloc_decode_scratch": "decode_attention",
-    "prefill_attention": "prefill_attention",
+    "prefill_attention": "prefill",
     "sample": "sampling",
+    "workspace_tensors": "splitk",
 }
 
 __all__ = list(_EXPORTS)
-
-
-class _KernelsPackage(types.ModuleType):
-    """`linear` and `rms_norm` are both an op and the module that defines it. Importing the
-    module `river.kernels.linear` makes Python set the package attribute `linear` to that
-    module, which would shadow the op; this keeps package attributes pointing at the ops
-    (the modules stay reachable through importlib.import_module / sys.modules)."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def __getattr__(name):

@@ -23,18 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from river.kernels import reference
-from river.kernels.reference import sample
 
-__all__ = [
-    "Int4CpuWeight",
-    "rms_norm",
-    "linear",
-    "gate_up_silu",
-    "qkv_rope_store",
-    "paged_decode_attention",
-    "prefill_attention",
-    "sample",
-]
+from river.ops import HELPER_NAMES, OP_NAMES
+
+__all__ = ["Int4CpuWeight", *OP_NAMES, *HELPER_NAMES]  # the op set interface (river.ops)
 
 
 @dataclass(frozen=True)
@@ -223,8 +215,9 @@ def _attend(q, k_cache, v_cache, tables, lens, scale, kv_valid):
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, context_lens, scale, row_mask=None, kv_valid=None
-):
+    q, k_cache, v_cache, block_tables, context_lens, scale, row_mask=None, kv_valid=None,
+    scratch=None,
+):  # fmt: skip
     """reference.paged_decode_attention over the selected rows (others output zeros), with
     the block tables cut to the longest selected context (the reference reads every column)."""
     idx = _selected(row_mask)
@@ -243,3 +236,5 @@ def paged_decode_attention(
 
 
 prefill_attention = reference.prefill_attention
+sample = reference.sample
+alloc_decode_scratch = reference.alloc_decode_scratch

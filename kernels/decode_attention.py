@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _arrive, _device_index, _dot_precision, _num_sms
+from .attention_tiles import load_kv_tile, online_softmax_step
+from .launch import (
+    check_device,
+    check_index,
+    check_paged_cache,
+    check_row_mask,
+    dot_precision,
+    num_sms,
+)
+from .splitk import arrive
 
 __all__ = [
     "paged_decode_attention",
@@ -56,12 +65,9 @@ def _decode_attention_kernel(
     SPLIT_LEN,  # tokens per split, a multiple of BLOCK_N
     stride_q_b,
     stride_q_h,
-    stride_kc_b,
-    stride_kc_s,
-    stride_kc_h,
-    stride_vc_b,
-    stride_vc_s,
-    stride_vc_h,
+    stride_c_b,  # strides of both caches (the k and v caches share their layout: checked)
+    stride_c_s,
+    stride_c_h,
     stride_bt_b,
     stride_kvv_b,
     stride_out_b,
@@ -116,37 +122,17 @@ def _decode_attention_kernel(
     for t0 in range(start, stop, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_ok = t < stop
-        blk = tl.load(table + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-        off = t % PAGE
-        kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_cache_ptr
-            + (blk * stride_kc_b + off * stride_kc_s + kvh * stride_kc_h)[:, None]
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_cache_ptr
-            + (blk * stride_vc_b + off * stride_vc_s + kvh * stride_vc_h)[:, None]
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        k, v, blk, off = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, table, t, t_ok, kvh * stride_c_h, offs_d, d_ok, stride_c_b,
+            stride_c_s, PAGE,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
         valid = t_ok
         if HAS_KV_VALID:
             flags = tl.load(kv_valid_ptr + blk * stride_kvv_b + off, mask=t_ok, other=0)
             valid = valid & (flags != 0)
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # all -inf so far (nothing valid yet): subtract 0 so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     has_mass = l_i > 0.0
     o = acc / tl.where(has_mass, l_i, 1.0)[:, None]  # rows with no mass: acc is 0 -> 0
@@ -159,7 +145,7 @@ def _decode_attention_kernel(
         tl.store(po + split * stride_po_s, o, mask=out_mask)
         tl.store(pl + split * stride_pl_s, lse, mask=g_ok)
         # the ticket of (row, KV head); the last split to arrive merges all of them
-        if _arrive(counter_ptr + b * tl.num_programs(1) + kvh, NUM_SPLITS):
+        if arrive(counter_ptr + b * tl.num_programs(1) + kvh, NUM_SPLITS):
             m_all = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
             o_sum = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
@@ -214,16 +200,9 @@ MAX_SPLITS = 16  # the merge is unrolled over the splits: keep the register foot
 _MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, merge share) dominates
 _TARGET_PROGRAMS_PER_SM = 2
 
-# Overrides measured on a GPU, keyed on (rows * Hkv, context capacity); the heuristic below
-# runs for everything else.
-DECODE_SPLIT_TABLE: dict[tuple[int, int], int] = {}
-
 
 def decode_num_splits(batch, num_kv_heads, capacity, num_sms=132, max_splits=MAX_SPLITS):
     """Static split count: enough programs for ~2 per SM, at least 256 tokens per split."""
-    key = (batch * num_kv_heads, capacity)
-    if key in DECODE_SPLIT_TABLE:
-        return min(DECODE_SPLIT_TABLE[key], max_splits)
     want = triton.cdiv(_TARGET_PROGRAMS_PER_SM * num_sms, max(1, batch * num_kv_heads))
     limit = min(max(1, capacity // _MIN_SPLIT_TOKENS), max_splits)
     splits = 1
@@ -232,45 +211,33 @@ def decode_num_splits(batch, num_kv_heads, capacity, num_sms=132, max_splits=MAX
     return splits
 
 
-def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, row_mask, kv_valid,
-                   scratch):  # fmt: skip
-    if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError("q must be [B, Hq, D] and the caches [num_blocks, page, Hkv, D]")
-    b, hq, d = q.shape
-    num_blocks, page, hkv, dk = k_cache.shape
-    if v_cache.shape != k_cache.shape or dk != d or hq % hkv:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, caches {tuple(k_cache.shape)}")
-    if page & (page - 1):
-        raise ValueError(f"block_size must be a power of two, got {page}")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != b:
-        raise ValueError("block_tables must be int32 [B, max_blocks]")
-    if context_lens.dtype != torch.int32 or tuple(context_lens.shape) != (b,):
-        raise ValueError("context_lens must be int32 [B]")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("context_lens", context_lens)):  # fmt: skip
-        if t.device != q.device:
-            raise ValueError(f"{name} on {t.device}, q on {q.device}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("q and the caches must have unit stride along head_dim")
-    if block_tables.stride(1) != 1:
-        block_tables = block_tables.contiguous()
-    context_lens = context_lens.contiguous()
-    if row_mask is not None:
-        if row_mask.dtype != torch.bool or tuple(row_mask.shape) != (b,):
-            raise ValueError("row_mask must be bool [B]")
-        row_mask = row_mask.contiguous()
+# fmt: off
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale, row_mask=None, kv_valid=None,
+    scratch=None,  # DecodeAttentionScratch (allocated per call when None)
+    num_splits=None,  # force the context split count (tests, the benchmark sweep)
+):
+    # fmt: on
+    """One query token per row attending to its whole paged context; same semantics as
+    reference.paged_decode_attention. Never reads a device value on the host."""
+    num_blocks, page, hkv, d = check_paged_cache(q, k_cache, v_cache)
+    b, hq = q.shape[0], q.shape[1]
+    block_tables = check_index("block_tables", block_tables, (b, None))
+    context_lens = check_index("context_lens", context_lens, (b,))
+    check_device(q, "q", block_tables=block_tables, context_lens=context_lens, kv_valid=kv_valid)
+    row_mask = check_row_mask(row_mask, b, q.device)
     if kv_valid is not None:
-        if kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (num_blocks, page):
-            raise ValueError("kv_valid must be bool [num_blocks, block_size]")
-        if kv_valid.stride(1) != 1:
-            kv_valid = kv_valid.contiguous()
+        kv_valid = check_index("kv_valid", kv_valid, (num_blocks, page), torch.bool)
     out = torch.empty_like(q)
     if b == 0:
         return out
     group = hq // hkv
     capacity = block_tables.shape[1] * page
     max_splits = MAX_SPLITS if scratch is None else min(MAX_SPLITS, scratch.max_splits)
-    splits = decode_num_splits(b, hkv, capacity, _num_sms(_device_index(q.device)), max_splits)
+    if num_splits is None:
+        splits = decode_num_splits(b, hkv, capacity, num_sms(q.device), max_splits)
+    else:
+        splits = min(int(num_splits), max_splits)
     block_n = 64 if d <= 128 else 32
     split_len = triton.cdiv(triton.cdiv(max(capacity, 1), splits), block_n) * block_n
     if splits > 1:
@@ -288,66 +255,25 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, row_m
         po, pl, cnt = scratch.part_o, scratch.part_lse, scratch.counters
     else:
         po, pl, cnt = out, out, out  # unused
+    # (without splits the partial buffers are `out`: never read, any strides do)
     _decode_attention_kernel[(splits, hkv, b)](
-        q_ptr=q,
-        k_cache_ptr=k_cache,
-        v_cache_ptr=v_cache,
-        block_tables_ptr=block_tables,
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens,
         row_mask_ptr=row_mask if row_mask is not None else context_lens,
         kv_valid_ptr=kv_valid if kv_valid is not None else context_lens,
-        out_ptr=out,
-        part_o_ptr=po,
-        part_lse_ptr=pl,
-        counter_ptr=cnt,
-        qk_scale=float(scale) * _LOG2E,
-        HEAD_DIM=d,
-        SPLIT_LEN=split_len,
-        stride_q_b=q.stride(0),
-        stride_q_h=q.stride(1),
-        stride_kc_b=k_cache.stride(0),
-        stride_kc_s=k_cache.stride(1),
-        stride_kc_h=k_cache.stride(2),
-        stride_vc_b=v_cache.stride(0),
-        stride_vc_s=v_cache.stride(1),
-        stride_vc_h=v_cache.stride(2),
+        out_ptr=out, part_o_ptr=po, part_lse_ptr=pl, counter_ptr=cnt,
+        qk_scale=float(scale) * _LOG2E, HEAD_DIM=d, SPLIT_LEN=split_len,
+        stride_q_b=q.stride(0), stride_q_h=q.stride(1),
+        stride_c_b=k_cache.stride(0), stride_c_s=k_cache.stride(1), stride_c_h=k_cache.stride(2),
         stride_bt_b=block_tables.stride(0),
         stride_kvv_b=kv_valid.stride(0) if kv_valid is not None else 0,
-        stride_out_b=out.stride(0),
-        stride_out_h=out.stride(1),
-        stride_po_b=po.stride(0) if splits > 1 else 0,
-        stride_po_s=po.stride(1) if splits > 1 else 0,
-        stride_po_h=po.stride(2) if splits > 1 else 0,
-        stride_pl_b=pl.stride(0) if splits > 1 else 0,
-        stride_pl_s=pl.stride(1) if splits > 1 else 0,
+        stride_out_b=out.stride(0), stride_out_h=out.stride(1),
+        stride_po_b=po.stride(0), stride_po_s=po.stride(1), stride_po_h=po.stride(2),
+        stride_pl_b=pl.stride(0), stride_pl_s=pl.stride(1),
         GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        D_PAD=max(16, triton.next_power_of_2(d)),
-        PAGE=page,
-        BLOCK_N=block_n,
-        NUM_SPLITS=splits,
-        HAS_ROW_MASK=row_mask is not None,
-        HAS_KV_VALID=kv_valid is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), D_PAD=max(16, triton.next_power_of_2(d)),
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=splits, HAS_ROW_MASK=row_mask is not None,
+        HAS_KV_VALID=kv_valid is not None, DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
         num_stages=3,
-    )
+    )  # fmt: skip
     return out
-
-
-def paged_decode_attention(
-    q,  # [B, Hq, D]
-    k_cache,  # [num_blocks, block_size, Hkv, D]
-    v_cache,  # [num_blocks, block_size, Hkv, D]
-    block_tables,  # int32 [B, max_blocks]
-    context_lens,  # int32 [B]: keys per row, the current token included
-    scale,
-    row_mask=None,  # bool [B]; rows outside it output zeros
-    kv_valid=None,  # bool [num_blocks, block_size]; False slots are ignored (KV masking)
-    scratch=None,  # DecodeAttentionScratch (allocated per call when None)
-):
-    """One query token per row attending to its whole paged context; same semantics as
-    reference.paged_decode_attention. Never reads a device value on the host."""
-    return _launch_decode(
-        q, k_cache, v_cache, block_tables, context_lens, scale, row_mask, kv_valid, scratch
-    )

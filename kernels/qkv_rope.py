@@ -4,7 +4,7 @@ One program owns one head (q, k or v) and computes the two rotary halves of it, 
 [h D, h D + D/2) and [h D + D/2, (h + 1) D), as two accumulators. RoPE (HF rotate_half:
 out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin) then needs nothing but those two tiles, so it is
 the epilogue of the projection and Q/K/V never go through HBM before being stored where they
-belong. The inner loop is the projection loop of kernels/linear.py (same helpers: bf16 or W4A16,
+belong. The inner loop is the projection loop of kernels/matmul.py (kernels/tiles.py: bf16 or W4A16,
 GEMV or tl.dot, split-K with the last-arriving program running the epilogue), so a river token
 costs one launch for its whole KV projection.
 """
@@ -15,23 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import (
-    _WORKSPACE,
-    W4_MAGIC,
-    _arrive,
-    _check_rows,
-    _device_index,
-    _dot_precision,
-    _m_bucket,
-    _matmul_tile,
-    _num_sms,
-    _pick_split,
-    _rows_active,
-    _split_traffic_cap,
-    _store_partial,
-    _sum_partials,
-    _weight_operands,
+from .launch import check_device, check_rows, dot_precision, num_sms, weight_operands
+from .matmul_settings import m_bucket
+from .splitk import (
+    arrive,
+    pick_split,
+    split_launch,
+    split_traffic_cap,
+    store_partial,
+    sum_partials,
 )
+from .tiles import W4_MAGIC, matmul_tile, rows_active
 
 __all__ = ["qkv_rope_store"]
 
@@ -59,12 +53,9 @@ def _qkv_rope_epilogue(
     PAGE,
     stride_cos_p,
     stride_sin_p,
-    stride_kc_b,
-    stride_kc_s,
-    stride_kc_h,
-    stride_vc_b,
-    stride_vc_s,
-    stride_vc_h,
+    stride_c_b,  # strides of both caches (the k and v caches share their layout: checked)
+    stride_c_s,
+    stride_c_h,
     stride_q_m,
     stride_q_h,
 ):
@@ -98,10 +89,10 @@ def _qkv_rope_epilogue(
         off = slot % PAGE
         if head < NUM_HEADS + NUM_KV_HEADS:
             kvh = head - NUM_HEADS
-            ptrs = k_cache_ptr + blk * stride_kc_b + off * stride_kc_s + kvh * stride_kc_h
+            ptrs = k_cache_ptr + blk * stride_c_b + off * stride_c_s + kvh * stride_c_h
         else:
             kvh = head - NUM_HEADS - NUM_KV_HEADS
-            ptrs = v_cache_ptr + blk * stride_vc_b + off * stride_vc_s + kvh * stride_vc_h
+            ptrs = v_cache_ptr + blk * stride_c_b + off * stride_c_s + kvh * stride_c_h
         ptrs = ptrs[:, None] + offs_d[None, :]
         cache_dt = k_cache_ptr.dtype.element_ty  # k and v caches share a dtype (checked)
         tl.store(ptrs, out_a.to(cache_dt), mask=ok)
@@ -127,7 +118,7 @@ def _qkv_rope_kernel(
     M,
     K,
     K_PER_SPLIT,
-    W4_MAGIC,  # int32 0x4B000000 (see linear._w4_nibble)
+    W4_MAGIC,  # int32 0x4B000000 (see tiles.w4_nibble)
     NUM_HEADS,
     NUM_KV_HEADS,
     HALF,  # D / 2
@@ -138,12 +129,9 @@ def _qkv_rope_kernel(
     stride_z_n,
     stride_cos_p,
     stride_sin_p,
-    stride_kc_b,
-    stride_kc_s,
-    stride_kc_h,
-    stride_vc_b,
-    stride_vc_s,
-    stride_vc_h,
+    stride_c_b,  # strides of both caches (the k and v caches share their layout: checked)
+    stride_c_s,
+    stride_c_h,
     stride_q_m,
     stride_q_h,
     USE_W4: tl.constexpr,
@@ -163,7 +151,7 @@ def _qkv_rope_kernel(
     pid_m = tl.program_id(2)
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    active, any_active = _rows_active(row_mask_ptr, offs_m, M, HAS_ROW_MASK)
+    active, any_active = rows_active(row_mask_ptr, offs_m, M, HAS_ROW_MASK)
     if any_active == 0:
         return  # no active row: no weight traffic, no cache write
     m_ok = offs_m < M
@@ -172,42 +160,41 @@ def _qkv_rope_kernel(
     rows_a = head * (2 * HALF) + offs_d
     k_start = pid_k * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc_a = _matmul_tile(
+    acc_a = matmul_tile(
         x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
         stride_z_n, rows_a, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M, BLOCK_N,
         BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
-    acc_b = _matmul_tile(
+    acc_b = matmul_tile(
         x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
         stride_z_n, rows_a + HALF, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M,
         BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(1) + head
-        _store_partial(ws_ptr, acc_a, m_ok, tile, pid_k, 0, 2, SPLIT_K, BLOCK_M, BLOCK_N)
-        _store_partial(ws_ptr, acc_b, m_ok, tile, pid_k, 1, 2, SPLIT_K, BLOCK_M, BLOCK_N)
-        if _arrive(counter_ptr + tile, SPLIT_K):
-            acc_a = _sum_partials(ws_ptr, m_ok, tile, 0, 2, SPLIT_K, BLOCK_M, BLOCK_N)
-            acc_b = _sum_partials(ws_ptr, m_ok, tile, 1, 2, SPLIT_K, BLOCK_M, BLOCK_N)
+        store_partial(ws_ptr, acc_a, m_ok, tile, pid_k, 0, 2, SPLIT_K, BLOCK_M, BLOCK_N)
+        store_partial(ws_ptr, acc_b, m_ok, tile, pid_k, 1, 2, SPLIT_K, BLOCK_M, BLOCK_N)
+        if arrive(counter_ptr + tile, SPLIT_K):
+            acc_a = sum_partials(ws_ptr, m_ok, tile, 0, 2, SPLIT_K, BLOCK_M, BLOCK_N)
+            acc_b = sum_partials(ws_ptr, m_ok, tile, 1, 2, SPLIT_K, BLOCK_M, BLOCK_N)
             _qkv_rope_epilogue(
                 acc_a, acc_b, head, offs_m, active, offs_d, d_ok, x_ptr, cos_ptr, sin_ptr,
                 pos_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr, NUM_HEADS, NUM_KV_HEADS,
-                HALF, PAGE, stride_cos_p, stride_sin_p, stride_kc_b, stride_kc_s, stride_kc_h,
-                stride_vc_b, stride_vc_s, stride_vc_h, stride_q_m, stride_q_h,
+                HALF, PAGE, stride_cos_p, stride_sin_p, stride_c_b, stride_c_s, stride_c_h,
+                stride_q_m, stride_q_h,
             )  # fmt: skip
     else:
         _qkv_rope_epilogue(
             acc_a, acc_b, head, offs_m, active, offs_d, d_ok, x_ptr, cos_ptr, sin_ptr, pos_ptr,
             k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr, NUM_HEADS, NUM_KV_HEADS, HALF, PAGE,
-            stride_cos_p, stride_sin_p, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b,
-            stride_vc_s, stride_vc_h, stride_q_m, stride_q_h,
+            stride_cos_p, stride_sin_p, stride_c_b, stride_c_s, stride_c_h, stride_q_m, stride_q_h,
         )  # fmt: skip
 
 
 def _qkv_settings(m, k, half, heads, use_w4, group, num_sms):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps): BLOCK_N covers half a head; the split
     follows the linear heuristic (~4 programs per SM)."""
-    bucket = _m_bucket(m)
+    bucket = m_bucket(m)
     block_n = max(16, triton.next_power_of_2(half))
     if bucket == 1:
         block_m = 1
@@ -221,41 +208,34 @@ def _qkv_settings(m, k, half, heads, use_w4, group, num_sms):
     if not use_w4:
         block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     tiles = heads * triton.cdiv(m, block_m)
-    cap = _split_traffic_cap(k, min(m, block_m), use_w4, group)
-    split = _pick_split(triton.cdiv(k, block_k), tiles, num_sms, cap)
+    cap = split_traffic_cap(k, min(m, block_m), use_w4, group)
+    split = pick_split(triton.cdiv(k, block_k), tiles, num_sms, cap)
     return block_m, block_n, block_k, split, warps
 
 
-def _check_cache(name, cache, num_kv_heads):
-    if cache.dim() != 4 or cache.shape[2] != num_kv_heads:
-        raise ValueError(f"{name} must be [num_blocks, block_size, {num_kv_heads}, head_dim]")
-    if cache.stride(3) != 1:
-        raise ValueError(f"{name} must have unit stride along head_dim")
-
-
-def _launch_qkv_rope_store(
-    x,  # [M, K] normed hidden state
-    weight,  # [(Hq + 2 Hkv) D, K] tensor or W4Weight: q rows, then k rows, then v rows
-    cos,  # [max_pos, D // 2] float32
-    sin,  # [max_pos, D // 2] float32
-    positions,  # int [M]
-    k_cache,  # [num_blocks, block_size, Hkv, D]
-    v_cache,  # [num_blocks, block_size, Hkv, D]
-    slot_mapping,  # int [M]: flat cache slot of each row
-    num_heads,
-    num_kv_heads,
-    row_mask=None,  # bool [M]
-    q_out=None,  # [M, Hq, D]
+# fmt: off
+def qkv_rope_store(
+    x, weight, cos, sin, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+    row_mask=None, q_out=None,
 ):
-    """Checks shapes, strides, dtypes and devices; sizes the grid; launches."""
-    x, row_mask = _check_rows(x, row_mask)
-    w, s, z, n, k, group, use_w4 = _weight_operands(weight, x)
+    # fmt: on
+    """Q/K/V projection, RoPE on Q and K, K/V written into each active row's paged-cache slot.
+    Returns Q [M, Hq, D] (rows outside row_mask keep q_out's content, zeros when q_out is None).
+    Same semantics as reference.qkv_rope_store; a negative slot (padding) writes nothing."""
+    x, row_mask = check_rows(x, row_mask)
+    w, s, z, n, k, group, use_w4 = weight_operands(weight, x)
     m = x.shape[0]
-    _check_cache("k_cache", k_cache, num_kv_heads)
-    _check_cache("v_cache", v_cache, num_kv_heads)
+    if k_cache.dim() != 4 or k_cache.shape[2] != num_kv_heads or k_cache.stride(3) != 1:
+        raise ValueError(
+            f"the caches must be [num_blocks, block_size, {num_kv_heads}, head_dim], unit stride "
+            "along head_dim"
+        )
     head_dim = k_cache.shape[-1]
-    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or head_dim % 2:
-        raise ValueError("k_cache and v_cache must match in shape and dtype; head_dim even")
+    same = (v_cache.shape, v_cache.stride(), v_cache.dtype)
+    if same != (k_cache.shape, k_cache.stride(), k_cache.dtype) or head_dim % 2:
+        raise ValueError(
+            "k_cache and v_cache must match in shape, strides and dtype; head_dim even"
+        )
     heads = num_heads + 2 * num_kv_heads
     if n != heads * head_dim or k != x.shape[1]:
         raise ValueError(f"weight is [{n}, {k}], expected [{heads * head_dim}, {x.shape[1]}]")
@@ -266,16 +246,10 @@ def _launch_qkv_rope_store(
         raise ValueError("cos/sin must have unit stride along the last dimension")
     if tuple(positions.shape) != (m,) or tuple(slot_mapping.shape) != (m,):
         raise ValueError("positions and slot_mapping must be [M]")
-    for name, t in (
-        ("cos", cos),
-        ("sin", sin),
-        ("positions", positions),
-        ("slot_mapping", slot_mapping),
-        ("k_cache", k_cache),
-        ("v_cache", v_cache),
-    ):
-        if t.device != x.device:
-            raise ValueError(f"{name} on {t.device}, x on {x.device}")
+    check_device(
+        x, "x", cos=cos, sin=sin, positions=positions, slot_mapping=slot_mapping,
+        k_cache=k_cache, v_cache=v_cache,
+    )  # fmt: skip
     if q_out is None:
         alloc = torch.empty if row_mask is None else torch.zeros
         q_out = alloc((m, num_heads, head_dim), dtype=x.dtype, device=x.device)
@@ -286,97 +260,20 @@ def _launch_qkv_rope_store(
     positions = positions.contiguous()
     slot_mapping = slot_mapping.contiguous()
     block_m, block_n, block_k, split_k, warps = _qkv_settings(
-        m, k, half, heads, use_w4, group, _num_sms(_device_index(x.device))
+        m, k, half, heads, use_w4, group, num_sms(x.device)
     )
-    k_steps = triton.cdiv(k, block_k)
-    k_per_split = triton.cdiv(k_steps, split_k) * block_k
-    split = triton.cdiv(k, k_per_split)
-    grid = (split, heads, triton.cdiv(m, block_m))
-    tiles = grid[1] * grid[2]
-    if split > 1:
-        ws, cnt = _WORKSPACE.get(x.device, tiles * split * 2 * block_m * block_n, tiles)
-    else:
-        ws, cnt = q_out, q_out  # unused
-    _qkv_rope_kernel[grid](
-        x_ptr=x,
-        w_ptr=w,
-        s_ptr=s,
-        z_ptr=z,
-        cos_ptr=cos,
-        sin_ptr=sin,
-        pos_ptr=positions,
-        k_cache_ptr=k_cache,
-        v_cache_ptr=v_cache,
-        slot_ptr=slot_mapping,
-        q_out_ptr=q_out,
-        row_mask_ptr=row_mask if row_mask is not None else x,
-        ws_ptr=ws,
-        counter_ptr=cnt,
-        M=m,
-        K=k,
-        K_PER_SPLIT=k_per_split,
-        W4_MAGIC=W4_MAGIC,
-        NUM_HEADS=num_heads,
-        NUM_KV_HEADS=num_kv_heads,
-        HALF=half,
-        PAGE=k_cache.shape[1],
-        stride_x_m=x.stride(0),
-        stride_w_n=w.stride(0),
-        stride_s_n=s.stride(0),
-        stride_z_n=z.stride(0),
-        stride_cos_p=cos.stride(0),
-        stride_sin_p=sin.stride(0),
-        stride_kc_b=k_cache.stride(0),
-        stride_kc_s=k_cache.stride(1),
-        stride_kc_h=k_cache.stride(2),
-        stride_vc_b=v_cache.stride(0),
-        stride_vc_s=v_cache.stride(1),
-        stride_vc_h=v_cache.stride(2),
-        stride_q_m=q_out.stride(0),
-        stride_q_h=q_out.stride(1),
-        USE_W4=use_w4,
-        GROUP=group,
-        HAS_ROW_MASK=row_mask is not None,
-        SPLIT_K=split,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=warps,
-        num_stages=3,
+    tiles_m = triton.cdiv(m, block_m)
+    k_per_split, split, ws, cnt = split_launch(
+        k, block_k, split_k, heads * tiles_m, 2 * block_m * block_n, x.device, q_out
     )
+    mask = row_mask if row_mask is not None else x
+    _qkv_rope_kernel[(split, heads, tiles_m)](
+        x, w, s, z, cos, sin, positions, k_cache, v_cache, slot_mapping, q_out, mask, ws, cnt,
+        m, k, k_per_split, W4_MAGIC, num_heads, num_kv_heads, half, k_cache.shape[1],
+        x.stride(0), w.stride(0), s.stride(0), z.stride(0), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0), q_out.stride(1),
+        USE_W4=use_w4, GROUP=group, HAS_ROW_MASK=row_mask is not None, SPLIT_K=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=3,
+    )  # fmt: skip
     return q_out
-
-
-def qkv_rope_store(
-    x,  # [M, K] normed hidden state
-    weight,  # [(Hq + 2 Hkv) D, K] tensor or W4Weight: q rows, then k rows, then v rows
-    cos,  # [max_pos, D // 2] float32
-    sin,  # [max_pos, D // 2] float32
-    positions,  # int [M]
-    k_cache,  # [num_blocks, block_size, Hkv, D]
-    v_cache,  # [num_blocks, block_size, Hkv, D]
-    slot_mapping,  # int [M]: flat cache slot of each row
-    num_heads,
-    num_kv_heads,
-    row_mask=None,  # bool [M]
-    q_out=None,  # [M, Hq, D]
-):
-    """Q/K/V projection, RoPE on Q and K, K/V written into each active row's paged-cache slot.
-    Returns Q [M, Hq, D] (rows outside row_mask keep q_out's content, zeros when q_out is None).
-    Same semantics as reference.qkv_rope_store; a negative slot (padding) writes nothing."""
-    return _launch_qkv_rope_store(
-        x,
-        weight,
-        cos,
-        sin,
-        positions,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        num_heads,
-        num_kv_heads,
-        row_mask,
-        q_out,
-    )

@@ -163,6 +163,7 @@ def paged_decode_attention(
     scale,
     row_mask=None,  # bool [B]; rows outside it output zeros
     kv_valid=None,  # bool [num_blocks, block_size]; False slots are ignored (KV masking)
+    scratch=None,  # unused: the op set's alloc_decode_scratch gives None
 ):
     """One query token per row attending to its whole paged context.
 
@@ -197,6 +198,7 @@ def prefill_attention(
     block_tables,  # int32 [S, max_blocks]
     context_lens,  # int32 [S]: cached prefix + new tokens
     scale,
+    max_seqlen=None,  # unused here (sizes the Triton grid)
 ):
     """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
     out = torch.empty_like(q)
@@ -270,3 +272,8 @@ def sample(
     score = torch.where(keep, probs / e, torch.full_like(probs, -1.0))
     sampled = score.argmax(-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def alloc_decode_scratch(max_batch, num_heads, head_dim, device=None):
+    """No scratch: the PyTorch ops allocate per call (they are never captured in a graph)."""
+    return None

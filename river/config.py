@@ -13,6 +13,10 @@ from river.errors import ConfigError, ModelLoadError, UnsupportedModelError
 _LLAMA_ARCHS = {"LlamaForCausalLM"}
 _LLAMA_TYPES = {"llama"}
 
+# The seven projections of a decoder layer, as checkpoints and river's twins name them
+# (weights["layers"][n][name]; twins "layers.{n}.{name}").
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -61,10 +65,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
-
-    @property
-    def qkv_size(self) -> int:
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:

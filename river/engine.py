@@ -1,3 +1,4 @@
+# Over 400 lines, one concept: the Engine class is the public API (requests, step, generate).
 """The user-facing engine: load a model, queue requests, run prefill and decode steps."""
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from collections.abc import Iterator
 import torch
 
 from river.checkpoint import load_config, load_weights, resolve_model_dir
-from river.config import EngineConfig
+from river.config import PROJECTIONS, EngineConfig
 from river.cpu import configure_threads, default_cpu_dtype
 from river.errors import ConfigError, InvalidRequestError
 from river.exits import FULL, ExitConfig
 from river.kv_cache import BlockAllocator, KVCache
+from river.lossless import lossless_step
 from river.model import LlamaModel
 from river.runner import ModelRunner
 from river.sampling import RequestOutput, SamplingParams
 from river.scheduler import Request, Scheduler
+from river.speculative import DraftLength
 from river.tokenizer import Tokenizer
-
-_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class Engine:
@@ -93,13 +94,13 @@ class Engine:
         """Build (or load from the cache beside the model) the 4-bit river twins."""
         if self.model.river is not None:
             return
-        from river.quantize import load_or_quantize
+        from river.twin_cache import load_or_quantize
 
         weights = load_weights(self.model_dir, self.model_config, dtype=torch.float32)
         named = {
             f"layers.{n}.{p}": layer[p]
             for n, layer in enumerate(weights["layers"])
-            for p in _PROJECTIONS
+            for p in PROJECTIONS
         }
         importance, tag = None, ""
         if self.config.river_calibration == "random-tokens":
@@ -179,8 +180,11 @@ class Engine:
         )
 
     def _queue(self, req: Request) -> Request:
-        if req.params.exit.mode in ("w4", "river"):
+        if req.params.exit.mode in ("w4", "river", "lossless"):
             self.ensure_river()
+        if req.params.exit.mode == "lossless":
+            e = req.params.exit
+            req.draft = DraftLength.start(e.draft_len, e.max_draft_len)
         req.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.scheduler.add(req)
         req.start_time = time.perf_counter()  # after the twin build: it is not request time
@@ -206,11 +210,12 @@ class Engine:
         admitted = sched.admit()
         if admitted:
             self._prefill(admitted)
-        rows = [
+        live = [
             r
             for r in sched.running
             if not r.paused and r.finish_reason is None and r.scheduled < r.max_tokens
         ]
+        rows = [r for r in live if r.draft is None]
         if rows:
             self._decode(rows)
         progressed = []
@@ -220,6 +225,18 @@ class Engine:
             if launched.layers is None:  # a decode step (a prefill's rows all ran the backbone)
                 self.last_step_decode_rows += len(got)
             progressed += got
+        # Lossless rows whose last token is known on the host (the prefill's first token is
+        # read back one step later) run their draft/verify step now, synchronously.
+        lossless = [
+            r
+            for r in live
+            if r.draft is not None
+            and r.finish_reason is None
+            and r.output_ids
+            and r.scheduled == len(r.output_ids)
+        ]
+        if lossless:
+            progressed += [r for r in self._lossless(lossless) if r not in progressed]
         return progressed
 
     def _prefill(self, admitted: list[Request]) -> None:
@@ -250,6 +267,33 @@ class Engine:
             r.source, r.host_token, r.source_step = i, 0, last + 1
             r.scheduled += 1
         self._launched.append(launched)
+
+    def _lossless(self, rows: list[Request]) -> list[Request]:
+        """One lossless step (river.lossless) of `rows`; their tokens are appended at once."""
+        # k never reaches past the request's reserved blocks: the verify pass writes k + 1
+        # positions from the last token's, and at most max_tokens - 1 generated ones are cached
+        ks = [max(0, min(r.draft.current, r.max_tokens - len(r.output_ids) - 1)) for r in rows]
+        results = lossless_step(self.model, self.kv, rows, ks)
+        layers = self.model_config.num_layers
+        now = time.perf_counter()
+        emitted = 0
+        for r, res in zip(rows, results):
+            r.verify_passes += 1
+            r.drafted += res.drafted
+            r.accepted += res.accepted
+            r.draft.update(res.drafted, res.accepted)
+            for tok in res.tokens:
+                r.output_ids.append(tok)
+                r.backbone_layers.append(layers)  # every kept token is the backbone's
+                emitted += 1
+                self._check_stop(r, tok)
+                if r.finish_reason is not None:
+                    r.end_time = now
+                    self.scheduler.finish(r)
+                    break
+            r.scheduled = len(r.output_ids)
+        self.runner.hist[layers] += emitted
+        return rows
 
     def _postprocess(self, launched) -> list[Request]:
         tokens, layers = self.runner.collect(launched)
@@ -303,6 +347,9 @@ class Engine:
             num_layers=self.model_config.num_layers,
             elapsed_s=end - r.start_time,
             first_token_s=(r.first_token_time or end) - r.start_time,
+            draft_tokens=r.drafted,
+            accepted_tokens=r.accepted,
+            verify_passes=r.verify_passes,
         )
 
     def generate(
@@ -390,9 +437,13 @@ class Engine:
     def score(self, prompt, continuation, exit: ExitConfig | None = None, use_tqdm=False):
         """Teacher-forced log-probabilities of `continuation` after `prompt`, token by token
         through the decode path under `exit` (default: full backbone). Strings or token-id lists;
-        pass lists of them to score many pairs in one batch (returns a list then)."""
+        pass lists of them to score many pairs in one batch (returns a list then). `lossless`
+        scores as `full`: its tokens are the backbone's (its draft statistics come from
+        generate)."""
         from river.scoring import score_batch
 
+        if exit is not None and exit.mode == "lossless":
+            exit = FULL
         single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
         prompts, conts = ([prompt], [continuation]) if single else (prompt, continuation)
         if len(prompts) != len(conts):

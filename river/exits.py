@@ -12,7 +12,8 @@ import torch
 
 from river.errors import InvalidRequestError
 
-MODES = ("full", "w4", "river", "propagate", "mask")
+MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
+DRAFTS = ("river", "w4")  # what drafts in lossless mode
 POLICIES = ("per_row", "batch_min")
 
 # What an exited row does in the layers it skips (the `after` code of ExitParams).
@@ -27,11 +28,15 @@ class ExitConfig:
       cos(layer input, layer output) > threshold at a depth >= min_layer, then the 4-bit river
       twins, writing K/V into the same cache slots), "propagate" (CALM: the exited hidden state
       is frozen and only projected to K/V by the skipped layers' bf16 K/V weights), "mask"
-      (D-LLM: skipped layers write nothing and attention ignores the holes).
-    threshold: cosine similarity an exit needs.
+      (D-LLM: skipped layers write nothing and attention ignores the holes), "lossless" (the
+      river drafts, the backbone verifies: output exactly `full`'s; river/speculative.py).
+    threshold: cosine similarity an exit needs (river, and a lossless river draft).
     min_layer: backbone layers a token runs before it may exit.
     policy: "per_row" (each sequence exits on its own) or "batch_min" (the paper: a layer exits
       only when every batch_min row still in the backbone passes).
+    draft: lossless only: "river" (the exit above) or "w4" (every layer in its twin) drafts.
+    draft_len: lossless only: tokens drafted per verify pass; None adapts it per request
+      (grow while every draft is accepted, shrink after a rejection) within [1, max_draft_len].
     """
 
     mode: str = "full"
@@ -40,6 +45,9 @@ class ExitConfig:
     threshold: float = 0.96
     min_layer: int = 4
     policy: str = "per_row"
+    draft: str = "river"
+    draft_len: int | None = None
+    max_draft_len: int = 8
 
     def __post_init__(self):
         # InvalidRequestError is also a ValueError: callers catching either keep working.
@@ -63,10 +71,29 @@ class ExitConfig:
             )
         if self.min_layer < 0:
             raise InvalidRequestError(f"ExitConfig: min_layer must be >= 0, got {self.min_layer}")
+        if self.draft not in DRAFTS:
+            raise InvalidRequestError(
+                f"ExitConfig: draft must be one of {DRAFTS}, got {self.draft!r}"
+            )
+        for name, lo in (("draft_len", 0), ("max_draft_len", 1)):
+            v = getattr(self, name)
+            if v is None and name == "draft_len":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 64:
+                raise InvalidRequestError(
+                    f"ExitConfig: {name} must be an integer in [{lo}, 64], got {v!r}"
+                )
+
+    def draft_config(self) -> ExitConfig:
+        """The exit the drafts of a lossless request run with."""
+        return ExitConfig(self.draft, self.threshold, self.min_layer, self.policy)
 
     def check_depth(self, num_layers: int) -> None:
         """Refuse a min_layer the model cannot honour (it would silently behave like `full`)."""
-        if self.mode in ("river", "propagate", "mask") and self.min_layer >= num_layers:
+        exits_midway = self.mode in ("river", "propagate", "mask") or (
+            self.mode == "lossless" and self.draft == "river"
+        )
+        if exits_midway and self.min_layer >= num_layers:
             raise InvalidRequestError(
                 f"ExitConfig: min_layer must be in [0, {num_layers - 1}] for this "
                 f"{num_layers}-layer model, got {self.min_layer}"
@@ -99,6 +126,8 @@ class ExitParams:
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:
+        if any(c.mode == "lossless" for c in configs):
+            raise ValueError("lossless rows run river.lossless, not a plain decode step")
         inf = float("inf")
         thr = [c.threshold if c.mode in ("river", "propagate", "mask") else inf for c in configs]
         after = {

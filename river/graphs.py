@@ -35,24 +35,19 @@ pool), so consume them (argmax, sampling, a copy) before the next step.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib
-import inspect
-import math
-import types
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from river.exits import AFTER_RIVER, ExitParams
+from river.decode_inputs import SAMPLING_FIELDS, DecodeInputs, Staging, check_rows, row_sources
+from river.exits import ExitParams
 from river.model import ForwardBatch
 
 __all__ = [
     "GraphBuckets",
     "graph_buckets",
     "bucket_for",
-    "DecodeInputs",
     "DecodeGraphRunner",
 ]
 
@@ -74,215 +69,6 @@ def bucket_for(n: int, buckets: tuple[int, ...] = GraphBuckets) -> int:
         if n <= b:
             return b
     raise ValueError(f"decode batch of {n} rows exceeds the largest graph bucket ({buckets[-1]})")
-
-
-# ------------------------------------------------------------------------------ static inputs
-
-# Fields of the shared byte buffer, each starting at a multiple of _ALIGN bytes: any dtype can
-# be viewed there, and the kernels see the same (16-byte aligned) pointers as for a tensor of
-# their own, so Triton's alignment specialisation is the same as in eager runs.
-_ALIGN = 256
-_LAYOUT = (
-    ("input_ids", torch.int64),
-    ("positions", torch.int64),
-    ("slot_mapping", torch.int64),
-    ("block_tables", torch.int32),
-    ("context_lens", torch.int32),
-    ("min_layer", torch.int32),
-    ("threshold", torch.float32),
-    ("active", torch.bool),
-    ("start_exited", torch.bool),
-    ("after", torch.int8),
-    ("batch_min", torch.bool),
-    ("src_index", torch.int64),
-    ("host_tokens", torch.int64),
-    ("temperature", torch.float32),
-    ("top_k", torch.int32),
-    ("top_p", torch.float32),
-    ("seed", torch.int64),
-    ("offset", torch.int64),
-)
-_BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens")
-_EXIT_FIELDS = ("threshold", "min_layer", "start_exited", "after", "batch_min")
-# The fields of a sampling step (sampler=True): where each row's input token comes from, and
-# the row's sampling settings.
-SAMPLING_FIELDS = ("src_index", "host_tokens", "temperature", "top_k", "top_p", "seed", "offset")
-
-
-@dataclass(frozen=True)
-class DecodeInputs:
-    """The inputs of one captured decode step (frozen: the tensors are written in place, never
-    rebound, since a graph holds their addresses). R rows, the largest bucket."""
-
-    buffer: torch.Tensor  # uint8 [nbytes]: every field below is a view of it
-    input_ids: torch.Tensor  # int64 [R]
-    positions: torch.Tensor  # int64 [R]
-    slot_mapping: torch.Tensor  # int64 [R]
-    block_tables: torch.Tensor  # int32 [R, max_blocks], -1 past a row's blocks
-    context_lens: torch.Tensor  # int32 [R]
-    min_layer: torch.Tensor  # int32 [R]   ExitParams fields from here ...
-    threshold: torch.Tensor  # float32 [R]
-    active: torch.Tensor  # bool [R]: False on padding rows
-    start_exited: torch.Tensor  # bool [R]
-    after: torch.Tensor  # int8 [R]
-    batch_min: torch.Tensor  # bool [R]   ... to here (but active)
-    # Sampling steps: the input token of row r is board[src_index[r]] of the runner's token
-    # board, or host_tokens[r] where src_index[r] < 0 (a token the host knows, e.g. after a
-    # preempted request was recomputed); then the row's sampling settings.
-    src_index: torch.Tensor  # int64 [R]
-    host_tokens: torch.Tensor  # int64 [R]
-    temperature: torch.Tensor  # float32 [R]; 0 = greedy
-    top_k: torch.Tensor  # int32 [R]; 0 = off
-    top_p: torch.Tensor  # float32 [R]; 1 = off
-    seed: torch.Tensor  # int64 [R]
-    offset: torch.Tensor  # int64 [R]: the row's generated-token index (its sampling counter)
-
-    @classmethod
-    def allocate(cls, rows: int, max_blocks: int, device, pin_memory: bool = False):
-        shapes = {n: (rows, max_blocks) if n == "block_tables" else (rows,) for n, _ in _LAYOUT}
-        offsets, end = {}, 0
-        for name, dtype in _LAYOUT:
-            offsets[name] = end
-            nbytes = math.prod(shapes[name]) * torch.empty((), dtype=dtype).element_size()
-            end += -(-nbytes // _ALIGN) * _ALIGN
-        buf = torch.zeros(end, dtype=torch.uint8, device=device, pin_memory=pin_memory)
-        views = {}
-        for name, dtype in _LAYOUT:
-            nbytes = math.prod(shapes[name]) * torch.empty((), dtype=dtype).element_size()
-            off = offsets[name]
-            views[name] = buf[off : off + nbytes].view(dtype).view(shapes[name])
-        return cls(buffer=buf, **views)
-
-    @property
-    def rows(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def max_blocks(self) -> int:
-        return self.block_tables.shape[1]
-
-    def head(self, n: int) -> DecodeInputs:
-        """Views of the first n rows (what the graph of bucket n reads)."""
-        return replace(
-            self, **{f.name: getattr(self, f.name)[:n] for f in fields(self) if f.name != "buffer"}
-        )
-
-    def forward_batch(self) -> ForwardBatch:
-        return ForwardBatch(
-            self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.context_lens
-        )
-
-    def exit_params(self, uses_river: bool) -> ExitParams:
-        """Every path on (host flags True): each weight set's kernels skip by device mask."""
-        return ExitParams(
-            *(getattr(self, n) for n in _EXIT_FIELDS),
-            uses_backbone=True,
-            uses_river=uses_river,
-            uses_kv_mask=True,
-        )
-
-    def write_rows(self, sources: dict, n: int) -> None:
-        """Rows 0..n-1 from row_sources() (block table columns past the source's width are left
-        as they are; a None `active` means every row is active)."""
-        for name, src in sources.items():
-            if name == "block_tables":
-                self.block_tables[:n, : src.shape[1]].copy_(src)
-            elif src is None:
-                self.active[:n].fill_(True)
-            else:
-                getattr(self, name)[:n].copy_(src)
-
-    def write_padding(self, start: int, stop: int, padding_block: int, block_size: int) -> None:
-        """Rows start..stop-1 become padding: inactive rows that write (nothing but) the first
-        slot of the padding block and never exit."""
-        if start >= stop:
-            return
-        rows = slice(start, stop)
-        self.input_ids[rows].fill_(0)
-        self.positions[rows].fill_(0)
-        self.slot_mapping[rows].fill_(padding_block * block_size)
-        self.block_tables[rows].fill_(-1)
-        # A real block id in column 0 keeps even an unmasked read of the row in bounds.
-        self.block_tables[rows, 0].fill_(padding_block)
-        self.context_lens[rows].fill_(1)
-        self.active[rows].fill_(False)
-        self.threshold[rows].fill_(float("inf"))
-        self.min_layer[rows].fill_(0)
-        self.start_exited[rows].fill_(False)
-        self.after[rows].fill_(AFTER_RIVER)
-        self.batch_min[rows].fill_(False)
-        self.src_index[rows].fill_(-1)
-        self.host_tokens[rows].fill_(0)
-        self.temperature[rows].fill_(0.0)
-        self.top_k[rows].fill_(0)
-        self.top_p[rows].fill_(1.0)
-        self.seed[rows].fill_(0)
-        self.offset[rows].fill_(0)
-
-
-class _Staging:
-    """A DecodeInputs plus what the host knows about its rows, so that a step rewrites only what
-    changed: padding rows stay padding, and stale block ids are cleared only when needed."""
-
-    def __init__(self, inputs: DecodeInputs, padding_block: int, block_size: int):
-        self.inputs = inputs
-        self.padding_block, self.block_size = padding_block, block_size
-        self.is_pad = [True] * inputs.rows
-        # Invariant: in every row, block table columns >= table_dirty hold -1.
-        self.table_dirty = 1
-        inputs.write_padding(0, inputs.rows, padding_block, block_size)
-
-    def load(self, sources: dict, n: int, width: int, bucket: int) -> None:
-        """Write n real rows (those of `sources` present: the caller may write the others
-        itself), pad rows n..bucket-1, and clear block table columns >= width of the n rows."""
-        inp, w = self.inputs, width
-        stale = [r for r in range(n, bucket) if not self.is_pad[r]]
-        if stale:
-            inp.write_padding(stale[0], stale[-1] + 1, self.padding_block, self.block_size)
-            for r in range(stale[0], stale[-1] + 1):
-                self.is_pad[r] = True
-        inp.write_rows(sources, n)
-        if w < self.table_dirty:
-            inp.block_tables[:n, w : self.table_dirty].fill_(-1)
-        self.table_dirty = max(self.table_dirty, w)
-        self.is_pad[:n] = [False] * n
-
-    def adopt(self, other: _Staging) -> None:
-        """Take over another staging's bookkeeping after its buffer was copied into ours."""
-        self.is_pad = list(other.is_pad)
-        self.table_dirty = other.table_dirty
-
-
-def row_sources(batch: ForwardBatch, exits: ExitParams, active, sampling=None) -> dict:
-    """{DecodeInputs field: the tensor its rows come from} (active: None = all rows active;
-    sampling: None, or {SAMPLING_FIELDS name: tensor})."""
-    src = {name: getattr(batch, name) for name in _BATCH_FIELDS}
-    src.update({name: getattr(exits, name) for name in _EXIT_FIELDS})
-    src["active"] = active
-    if sampling is not None:
-        src.update(sampling)
-    return src
-
-
-def _check_rows(batch: ForwardBatch, exits: ExitParams, active, n: int, max_blocks: int):
-    # Shapes only (host metadata): reading values here would be a device sync.
-    for name in ("positions", "slot_mapping", "context_lens"):
-        if getattr(batch, name).shape != (n,):
-            raise ValueError(f"ForwardBatch.{name} must have {n} rows like input_ids")
-    if batch.block_tables.dim() != 2 or batch.block_tables.shape[0] != n:
-        raise ValueError(f"block_tables must be [{n}, max_blocks]")
-    if batch.block_tables.shape[1] < 1:
-        raise ValueError("block_tables need at least one column")
-    if batch.block_tables.shape[1] > max_blocks:
-        raise ValueError(
-            f"block tables are {batch.block_tables.shape[1]} wide; the runner was "
-            f"built for max_blocks_per_seq={max_blocks}"
-        )
-    for name in _EXIT_FIELDS:
-        if getattr(exits, name).shape != (n,):
-            raise ValueError(f"ExitParams.{name} must have {n} rows (one per decode row)")
-    if active is not None and active.shape != (n,):
-        raise ValueError(f"active must be bool [{n}]")
 
 
 # ------------------------------------------------------------------------------ the runner
@@ -345,16 +131,16 @@ class DecodeGraphRunner:
         self.include_river = self._want_river()
         self._graphs: dict[int, _Graph] = {}
         self._keep: list[torch.Tensor] = []  # buffers the graphs point into (see capture)
-        self._attn_scratch = None
-        self._host: _Staging | None = None
+        self._scratch = None  # the op set's decode scratch (graph mode)
+        self._host: Staging | None = None
         self._upload_done = None
         # Stage host-built batches in a pinned twin (one upload per step). Graph mode only by
         # default; tests switch it on for the padded eager step on CPU.
         self._stage_on_host = self.use_graphs
-        self._dev: _Staging | None = None
+        self._dev: Staging | None = None
         if self.padded:
             inputs = DecodeInputs.allocate(self.buckets[-1], max_blocks_per_seq, model.device)
-            self._dev = _Staging(inputs, self.padding_block, kv.block_size)
+            self._dev = Staging(inputs, self.padding_block, kv.block_size)
         if self.use_graphs:
             self.capture()
 
@@ -376,56 +162,32 @@ class DecodeGraphRunner:
             raise RuntimeError("capture() needs a CUDA model and enabled graphs")
         self.include_river = self._want_river()
         self._graphs.clear()
-        self._dev = _Staging(self._dev.inputs, self.padding_block, self.kv.block_size)
-        self._attn_scratch = self._alloc_attention_scratch()
-        torch.cuda.synchronize()
-        with self._bound_ops():
-            # Warm up every bucket before capturing any: compiles the Triton kernels and grows
-            # the split-K workspaces to their final size, so nothing allocates inside a capture
-            # and no later warm-up reallocates a buffer an earlier graph points into.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for b in reversed(self.buckets):
-                    self._decode_static(b)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            self._keep = _kernel_workspaces()
-            pool = torch.cuda.graph_pool_handle()
-            for b in reversed(self.buckets):  # largest first: the pool grows to its size once
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits, used = self._decode_static(b)
-                self._graphs[b] = _Graph(graph, logits, used)  # tokens when sampling
-        torch.cuda.synchronize()
-
-    def _alloc_attention_scratch(self):
-        # The split-K decode attention takes a caller-owned scratch; without one it allocates
-        # per call. Allocating it here, outside capture, keeps it out of the graph pool.
-        fn = self.model.ops.paged_decode_attention
-        if "scratch" not in inspect.signature(fn).parameters:
-            return None
-        kernels = importlib.import_module("river.kernels")
+        self._dev = Staging(self._dev.inputs, self.padding_block, self.kv.block_size)
+        # The op set's decode scratch, allocated here, outside capture, so that it stays out
+        # of the graph pool and nothing allocates inside a capture.
         cfg = self.model.cfg
-        return kernels.alloc_decode_scratch(
+        self._scratch = self.model.ops.alloc_decode_scratch(
             self.buckets[-1], cfg.num_heads, cfg.head_dim, device=self.model.device
         )
-
-    @contextlib.contextmanager
-    def _bound_ops(self):
-        """model.ops with our attention scratch bound in, for the duration (capture only: a
-        replay does not call Python)."""
-        saved = self.model.ops
-        if self._attn_scratch is not None:
-            ops = types.SimpleNamespace(**vars(saved))
-            ops.paged_decode_attention = functools.partial(
-                saved.paged_decode_attention, scratch=self._attn_scratch
-            )
-            self.model.ops = ops
-        try:
-            yield
-        finally:
-            self.model.ops = saved
+        torch.cuda.synchronize()
+        # Warm up every bucket before capturing any: compiles the Triton kernels and grows
+        # the split-K workspaces to their final size, so nothing allocates inside a capture
+        # and no later warm-up reallocates a buffer an earlier graph points into.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for b in reversed(self.buckets):
+                self._decode_static(b)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self._keep = importlib.import_module("river.kernels").workspace_tensors()
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):  # largest first: the pool grows to its size once
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits, used = self._decode_static(b)
+            self._graphs[b] = _Graph(graph, logits, used)  # tokens when sampling
+        torch.cuda.synchronize()
 
     def _decode_static(self, bucket: int, flags: dict | None = None, greedy: bool = False):
         """The step a graph captures, on the static inputs of `bucket`. flags: host facts of the
@@ -439,7 +201,9 @@ class DecodeGraphRunner:
             src = inp.src_index
             ids = torch.where(src >= 0, self.board[src.clamp_min(0)], inp.host_tokens)
             inp.input_ids.copy_(ids)
-        logits, used = self.model.decode(inp.forward_batch(), self.kv, exits, active=inp.active)
+        logits, used = self.model.decode(
+            inp.forward_batch(), self.kv, exits, active=inp.active, scratch=self._scratch
+        )
         if not self.sampler:
             return logits, used
         if greedy:
@@ -506,7 +270,7 @@ class DecodeGraphRunner:
 
     def _load(self, batch, exits, active, bucket, sampling=None):
         n, width = batch.input_ids.shape[0], batch.block_tables.shape[1]
-        _check_rows(batch, exits, active, n, self.max_blocks_per_seq)
+        check_rows(batch, exits, active, n, self.max_blocks_per_seq)
         if sampling is not None:
             for name in SAMPLING_FIELDS:
                 if sampling[name].shape != (n,):
@@ -523,7 +287,7 @@ class DecodeGraphRunner:
         if self._host is None:
             rows, cuda = self._dev.inputs.rows, self.model.device.type == "cuda"
             host = DecodeInputs.allocate(rows, self.max_blocks_per_seq, "cpu", pin_memory=cuda)
-            self._host = _Staging(host, self.padding_block, self.kv.block_size)
+            self._host = Staging(host, self.padding_block, self.kv.block_size)
             self._upload_done = torch.cuda.Event() if cuda else None
         if self._upload_done is not None:
             # The previous upload must have read the pinned buffer before we overwrite it. It
@@ -536,14 +300,3 @@ class DecodeGraphRunner:
             self._upload_done.record()
         self._dev.adopt(self._host)
         self._dev.inputs.write_rows(on_dev, n)
-
-
-def _kernel_workspaces() -> list[torch.Tensor]:
-    """The Triton linears' shared split-K workspace tensors. The graphs bake in their addresses;
-    holding a reference keeps them alive if a later eager call ever grows (reallocates) them."""
-    try:
-        lin = importlib.import_module("river.kernels.linear")
-        ws = lin._WORKSPACE
-        return [*ws._ws.values(), *ws._cnt.values()]
-    except (ImportError, AttributeError):
-        return []

@@ -32,13 +32,6 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
 
-    @staticmethod
-    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return (
-            2 * num_layers * block_size * num_kv_heads * head_dim * elem + num_layers * block_size
-        )
-
 
 class BlockAllocator:
     """Free list of block ids. Allocation is all-or-nothing so a failed request leaks nothing."""

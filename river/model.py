@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from river.config import ModelConfig, rope_tables
+from river.config import PROJECTIONS, ModelConfig, rope_tables
 from river.exits import AFTER_MASK, AFTER_PROPAGATE, AFTER_RIVER, ExitParams, exit_decision
 from river.kv_cache import KVCache
 from river.ops import get_ops
@@ -38,6 +38,7 @@ class ForwardBatch:
     block_tables: torch.Tensor  # int32 [S, max_blocks]
     context_lens: torch.Tensor  # int32 [S]: cached tokens after this pass, per sequence
     cu_seqlens: torch.Tensor | None = None  # int32 [S + 1]; prefill only
+    max_seqlen: int | None = None  # host int: most new tokens of one sequence (prefill grid)
 
 
 class LlamaModel:
@@ -102,9 +103,7 @@ class LlamaModel:
 
         self.river = []
         for n in range(self.cfg.num_layers):
-            q = {
-                p: quantized[f"layers.{n}.{p}"] for p in ("q", "k", "v", "o", "gate", "up", "down")
-            }
+            q = {p: quantized[f"layers.{n}.{p}"] for p in PROJECTIONS}
             self.river.append(
                 LayerWeights(
                     qkv=place(cat(q["q"], q["k"], q["v"])),
@@ -150,6 +149,7 @@ class LlamaModel:
                 batch.block_tables,
                 batch.context_lens,
                 self.scale,
+                max_seqlen=batch.max_seqlen,
             )
             a = a.reshape(a.shape[0], -1)
             h = ops.linear(a, w.o)
@@ -167,11 +167,15 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()
-    def decode(self, batch: ForwardBatch, kv: KVCache, exits: ExitParams, active=None):
+    def decode(
+        self, batch: ForwardBatch, kv: KVCache, exits: ExitParams, active=None, scratch=None
+    ):
         """One token per row. Each row runs the backbone until exit_decision() moves it out, then
         its mode's path (river twins, CALM propagation or KV masking) for the remaining layers.
 
         active: bool [B] rows that hold a real request (graph buckets pad the batch).
+        scratch: the op set's decode scratch (ops.alloc_decode_scratch), owned by the caller so
+        that a captured graph never allocates; None: the ops allocate what they need.
         Returns (logits float32 [B, V], backbone layers used int32 [B]). No host sync inside.
         """
         ops, cfg = self.ops, self.cfg
@@ -193,43 +197,21 @@ class LlamaModel:
         # every layer once, and let KV masking punch its holes below.
         kv.valid[:, block, offset] = kv.true
         for n, w in enumerate(self.layers):
+            rw = self.river[n] if use_river else None
             bb = active & ~exited  # rows in the bf16 backbone at this layer
             rv = active & exited & (exits.after == AFTER_RIVER)
             frozen = active & exited & (exits.after != AFTER_RIVER)
             # K/V of this layer: backbone rows and CALM-propagated rows use the bf16 weights,
             # river rows the 4-bit twin, into the same slot; KV-masked rows write nothing.
             x, _ = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps)
-            if exits.uses_backbone:
-                kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
-                ops.qkv_rope_store(
-                    x,
-                    w.qkv,
-                    self.cos,
-                    self.sin,
-                    batch.positions,
-                    kv.k[n],
-                    kv.v[n],
-                    batch.slot_mapping,
-                    cfg.num_heads,
-                    cfg.num_kv_heads,
-                    row_mask=kv_bf16,
-                    q_out=q,
-                )
-            if use_river:
-                ops.qkv_rope_store(
-                    x,
-                    self.river[n].qkv,
-                    self.cos,
-                    self.sin,
-                    batch.positions,
-                    kv.k[n],
-                    kv.v[n],
-                    batch.slot_mapping,
-                    cfg.num_heads,
-                    cfg.num_kv_heads,
-                    row_mask=rv,
-                    q_out=q,
-                )
+            kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
+            for weights, rows, on in ((w, kv_bf16, exits.uses_backbone), (rw, rv, use_river)):
+                if on:
+                    ops.qkv_rope_store(
+                        x, weights.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
+                        batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=rows,
+                        q_out=q,
+                    )  # fmt: skip
             if exits.uses_kv_mask:
                 kv.valid[n, block, offset] = ~(frozen & (exits.after == AFTER_MASK))
             computing = bb | rv
@@ -242,13 +224,14 @@ class LlamaModel:
                 self.scale,
                 row_mask=computing,
                 kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
+                scratch=scratch,
             ).reshape(b, -1)
-            paths = (exits.uses_backbone, use_river, bb, rv)
-            self._two_path(ops.linear, a, n, "o", paths, a_out)
+            paths = ((w, bb, exits.uses_backbone), (rw, rv, use_river))
+            _two_path(ops.linear, a, "o", paths, a_out)
             h_mid = h + a_out
             x, _ = ops.rms_norm(h_mid, self.post_norms[n], cfg.rms_norm_eps)
-            self._two_path(ops.gate_up_silu, x, n, "gate_up", paths, mlp)
-            self._two_path(ops.linear, mlp, n, "down", paths, a_out)
+            _two_path(ops.gate_up_silu, x, "gate_up", paths, mlp)
+            _two_path(ops.linear, mlp, "down", paths, a_out)
             h_new = torch.where(computing.unsqueeze(1), h_mid + a_out, h)
             used += bb.int()
             if exits.may_exit and n + 1 < cfg.num_layers:
@@ -257,13 +240,13 @@ class LlamaModel:
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)
         return ops.linear(x, self.lm_head).float(), used
 
-    def _two_path(self, op, x, n, name, paths, out):
-        # The same projection in both weight sets; each writes only its own rows of `out`.
-        uses_backbone, uses_river, bb, rv = paths
-        if uses_backbone:
-            op(x, getattr(self.layers[n], name), row_mask=bb, out=out)
-        if uses_river:
-            op(x, getattr(self.river[n], name), row_mask=rv, out=out)
+
+def _two_path(op, x, name, paths, out):
+    """The same projection in both weight sets; each writes only its own rows of `out`.
+    paths: ((weights, row mask, runs), ...) for the backbone and the river."""
+    for weights, rows, on in paths:
+        if on:
+            op(x, getattr(weights, name), row_mask=rows, out=out)
 
 
 def _block_offset(slot_mapping, block_size):

@@ -1,10 +1,9 @@
-"""The wire formats of `river serve`: OpenAI request parsing, response and chunk shaping,
-errors, and the Prometheus text of /metrics.
+"""What clients send to `river serve`: OpenAI request parsing, and the errors they get back.
 
 Pure functions over plain dicts, so they are testable without a server and never touch the
-engine. Request bodies are checked by hand rather than by pydantic models: the checks are few,
-every refusal names the offending parameter the way the OpenAI API does, and a string where a
-number belongs is an error instead of being coerced.
+engine (river.openai_responses shapes the answers). Request bodies are checked by hand rather
+than by pydantic models: the checks are few, every refusal names the offending parameter the way
+the OpenAI API does, and a string where a number belongs is an error instead of being coerced.
 
 river's own settings are extra body fields (the openai client sends them with `extra_body`):
 `top_k`, `ignore_eos` and `exit`, an object `{"mode", "threshold", "min_layer", "policy"}` (or
@@ -13,10 +12,7 @@ just the mode as a string). Fields of `exit` left out come from the server's def
 
 from __future__ import annotations
 
-import json
 import math
-import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +58,6 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-# ---------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class ParsedRequest:
     """One checked request. Exactly one of prompt (completions) and messages (chat) is set;
@@ -126,12 +121,11 @@ def parse_exit(value, default: ExitConfig) -> ExitConfig:
         value = {"mode": value}
     if not isinstance(value, dict):
         raise bad(f"'exit' must be an object or a mode string, got {value!r}", "exit")
-    unknown = set(value) - {"mode", "threshold", "min_layer", "policy"}
+    fields = ("mode", "threshold", "min_layer", "policy", "draft", "draft_len")
+    unknown = set(value) - set(fields)
     if unknown:
         raise bad(
-            f"'exit' has unknown fields {sorted(unknown)}; it takes mode, threshold, min_layer, "
-            "policy",
-            "exit",
+            f"'exit' has unknown fields {sorted(unknown)}; it takes {', '.join(fields)}", "exit"
         )
     mode = value.get("mode", default.mode)
     if mode not in MODES:
@@ -145,8 +139,12 @@ def parse_exit(value, default: ExitConfig) -> ExitConfig:
     min_layer = value.get("min_layer", default.min_layer)
     if not _is_int(min_layer):
         raise bad(f"'exit.min_layer' must be an integer, got {min_layer!r}", "exit.min_layer")
+    draft = value.get("draft", default.draft)
+    draft_len = value.get("draft_len", default.draft_len)
+    if draft_len is not None and not _is_int(draft_len):
+        raise bad(f"'exit.draft_len' must be an integer, got {draft_len!r}", "exit.draft_len")
     try:
-        return ExitConfig(mode, float(threshold), min_layer, policy)
+        return ExitConfig(mode, float(threshold), min_layer, policy, draft, draft_len)
     except ValueError as e:  # ExitConfig's own range checks
         raise bad(str(e), "exit") from e
 
@@ -292,188 +290,3 @@ def parse_request(body: Any, kind: str, default_exit: ExitConfig) -> ParsedReque
 
 def with_max_tokens(parsed: ParsedRequest, max_tokens: int) -> ParsedRequest:
     return replace(parsed, params=replace(parsed.params, max_tokens=max_tokens))
-
-
-# ---------------------------------------------------------------------------- responses
-def new_id(kind: str) -> str:
-    return ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def river_info(backbone_layers: list[int], num_layers: int, exit: ExitConfig) -> dict:
-    """river's extra response field: how deep the generated tokens ran in the backbone."""
-    mean = sum(backbone_layers) / len(backbone_layers) if backbone_layers else 0.0
-    return {
-        "mean_backbone_layers": round(mean, 4),
-        "num_layers": num_layers,
-        "exit": {
-            "mode": exit.mode,
-            "threshold": exit.threshold,
-            "min_layer": exit.min_layer,
-            "policy": exit.policy,
-        },
-    }
-
-
-def response(kind, rid, created, model, text, finish_reason, use: dict, extra: dict) -> dict:
-    """A whole (non-streamed) completion or chat completion."""
-    if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    else:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-        obj = "chat.completion"
-    return {
-        "id": rid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": use,
-        "river": extra,
-    }
-
-
-def chunk(kind, rid, created, model, text, finish_reason=None, role=False, use=False) -> dict:
-    """One streamed chunk. `use=False` leaves the usage key out (stream_options not asked);
-    with include_usage every chunk carries "usage": null until the last one."""
-    if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    else:
-        delta = {}
-        if role:
-            delta["role"] = "assistant"
-        if text or role:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk"
-    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-    if use is not False:
-        out["usage"] = use
-    return out
-
-
-def usage_chunk(kind, rid, created, model, use: dict, extra: dict) -> dict:
-    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-    return {
-        "id": rid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": use,
-        "river": extra,
-    }
-
-
-def sse(obj) -> bytes:
-    """One server-sent event; `[DONE]` ends the stream."""
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-# ---------------------------------------------------------------------------- metrics
-@dataclass(frozen=True)
-class LoopStats:
-    """A snapshot the engine thread publishes after every step; /metrics renders it."""
-
-    finished: tuple[tuple[str, int], ...] = ()  # (finish_reason, count): stop, length, abort, error
-    rejected: int = 0  # requests the engine refused when they were added
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    decode_steps: int = 0
-    decode_rows: int = 0  # sum over decode steps of the rows in the step
-    decode_rows_max: int = 0  # the largest decode batch so far
-    decode_tokens_per_s: float = 0.0
-    exit_histogram: tuple[int, ...] = ()  # [k] = decode tokens that ran k backbone layers
-
-
-# Unlabelled families: (metric name, type, LoopStats field, help).
-_PLAIN_METRICS = (
-    ("river_requests_rejected_total", "counter", "rejected", "Requests refused when added."),
-    ("river_prompt_tokens_total", "counter", "prompt_tokens", "Prompt tokens admitted."),
-    (
-        "river_generation_tokens_total",
-        "counter",
-        "generation_tokens",
-        "Tokens generated (prefill and decode).",
-    ),
-    ("river_requests_running", "gauge", "running", "Requests in the running batch."),
-    ("river_requests_waiting", "gauge", "waiting", "Requests queued for admission."),
-    ("river_kv_blocks_used", "gauge", "kv_blocks_used", "KV cache blocks in use."),
-    ("river_kv_blocks_total", "gauge", "kv_blocks_total", "KV cache blocks in the pool."),
-    ("river_decode_steps_total", "counter", "decode_steps", "Decode steps run."),
-    (
-        "river_decode_rows_total",
-        "counter",
-        "decode_rows",
-        "Rows over all decode steps (divided by the steps: the mean decode batch).",
-    ),
-    (
-        "river_decode_batch_rows_max",
-        "gauge",
-        "decode_rows_max",
-        "The largest decode batch so far (rows in one step).",
-    ),
-)
-
-
-def render_metrics(s: LoopStats, window_s: float) -> str:
-    """Prometheus text exposition (format 0.0.4)."""
-    lines: list[str] = []
-
-    def family(name, kind, help_text, samples):
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
-            lines.append(f"{name}{suffix}{lab} {value}")
-
-    family(
-        "river_requests_total",
-        "counter",
-        "Requests finished, by finish reason (abort: the client went away).",
-        [("", [("finish_reason", r)], n) for r, n in s.finished],
-    )
-    for name, kind, attr, help_text in _PLAIN_METRICS:
-        family(name, kind, help_text, [("", [], getattr(s, attr))])
-    family(
-        "river_decode_tokens_per_second",
-        "gauge",
-        f"Decode tokens per second over the last {window_s:g} s.",
-        [("", [], f"{s.decode_tokens_per_s:.3f}")],
-    )
-    buckets, cum = [], 0
-    for k, n in enumerate(s.exit_histogram):
-        cum += n
-        buckets.append(("_bucket", [("le", str(k))], cum))
-    buckets.append(("_bucket", [("le", "+Inf")], cum))
-    total = sum(k * n for k, n in enumerate(s.exit_histogram))
-    family(
-        "river_exit_backbone_layers",
-        "histogram",
-        "Decode tokens by the number of bf16 backbone layers they ran.",
-        buckets + [("_sum", [], total), ("_count", [], cum)],
-    )
-    return "\n".join(lines) + "\n"

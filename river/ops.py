@@ -22,6 +22,9 @@ OP_NAMES = (
     "prefill_attention",
     "sample",
 )
+# Not ops of the forward, but part of every op set: the decode scratch a CUDA-graph runner
+# allocates once, outside capture, and passes to model.decode (None where an op set needs none).
+HELPER_NAMES = ("alloc_decode_scratch",)
 OP_SETS = {
     "reference": "river.kernels.reference",
     "cpu": "river.kernels.cpu",
@@ -41,6 +44,6 @@ def get_ops(device, kind: str | None = None) -> types.SimpleNamespace:
     if kind == "triton" and not str(device).startswith("cuda"):
         raise ValueError(f"the Triton ops need a CUDA device, not {device}")
     impl = importlib.import_module(OP_SETS[kind])
-    ops = types.SimpleNamespace(**{name: getattr(impl, name) for name in OP_NAMES})
+    ops = types.SimpleNamespace(**{name: getattr(impl, name) for name in OP_NAMES + HELPER_NAMES})
     ops.kind = kind
     return ops

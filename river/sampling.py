@@ -98,6 +98,10 @@ class RequestOutput:
     num_layers: int
     elapsed_s: float = 0.0  # queued -> finished (excludes model load and the twin build)
     first_token_s: float = 0.0  # queued -> first token (the prefill, and any wait before it)
+    # lossless mode: drafts proposed, drafts the backbone kept, verify passes run
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_passes: int = 0
 
     @property
     def finished(self) -> bool:
@@ -112,6 +116,17 @@ class RequestOutput:
         """Tokens after the first per second of decoding (0 for a one-token output)."""
         decode_s = self.elapsed_s - self.first_token_s
         return (len(self.token_ids) - 1) / decode_s if decode_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Lossless: the fraction of drafted tokens the backbone kept (0 without drafts)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Lossless: tokens emitted per backbone verify pass (accepted drafts + 1 each)."""
+        n = self.verify_passes
+        return (self.accepted_tokens + n) / n if n else 0.0
 
     @property
     def mean_backbone_layers(self) -> float:

@@ -51,6 +51,11 @@ class Request:
     source: int = -1
     host_token: int = 0
     source_step: int | None = None
+    # Lossless mode (river.lossless): the draft length rule and what the verify passes kept.
+    draft: object = None  # river.speculative.DraftLength
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -178,4 +183,5 @@ def prefill_forward_batch(
         block_tables=pad_block_tables(tables).to(device),
         context_lens=torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        max_seqlen=max((len(p) for p in prompts), default=0),
     )

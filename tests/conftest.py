@@ -49,14 +49,14 @@ def _river_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model_dir(_river_home) -> pathlib.Path:
     """The default SmolLM2 model as an HF directory (converted from the GGUF at most once)."""
-    from river.convert import default_model_path
+    from river.model_cache import default_model_path
 
     return default_model_path(progress=False)
 
 
 @pytest.fixture(scope="session")
 def default_gguf() -> pathlib.Path:
-    from river.convert import default_gguf_path
+    from river.model_cache import default_gguf_path
 
     return default_gguf_path()
 

@@ -70,3 +70,39 @@ def no_host_sync():
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(prev)
+
+
+def tiny_checkpoint(path, layers=4, hidden=64, inter=128, heads=4, kv_heads=2, vocab=200, group=32):
+    """A random Llama saved at `path` (2-D weights ~ N(0, 0.1), so layers change the hidden
+    state enough for exits to matter), loaded back as river reads it, with W4 twins of group
+    `group`: (ModelConfig, weights, {"layers.N.proj": W4Weight})."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from river.checkpoint import load_config, load_weights
+    from river.config import PROJECTIONS
+    from river.quantize import quantize_w4
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    hf.save_pretrained(path, safe_serialization=True)
+    mc, _ = load_config(path)
+    weights = load_weights(path, mc)
+    quant = {
+        f"layers.{n}.{p}": quantize_w4(weights["layers"][n][p], group_size=group)
+        for n in range(layers)
+        for p in PROJECTIONS
+    }
+    return mc, weights, quant

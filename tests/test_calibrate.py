@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from river.calibrate import Calibration, activation_importance, random_tokens
+from river.config import PROJECTIONS
 from river.engine import Engine
-
-PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def test_random_tokens_are_seeded_in_range_and_start_with_bos():
@@ -37,7 +36,7 @@ def test_activation_importance_equals_hf_forward_hooks(tiny_dir):
     cfg = engine.model_config
     calib = Calibration(num_seqs=2, seq_len=300, seed=1)  # past the 256-position table: clamped
     imp = activation_importance(engine.model, calib)
-    assert set(imp) == {f"layers.{n}.{p}" for n in range(cfg.num_layers) for p in PROJ}
+    assert set(imp) == {f"layers.{n}.{p}" for n in range(cfg.num_layers) for p in PROJECTIONS}
     assert imp["layers.0.q"] is imp["layers.0.v"]  # one input, measured once
 
     hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()

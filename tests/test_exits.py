@@ -3,46 +3,19 @@ per-row vs batch_min decisions, and the no-host-sync guarantee of the decode ste
 
 import pytest
 import torch
-from helpers import forbid_host_sync
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import forbid_host_sync, tiny_checkpoint
 
-from river.checkpoint import load_config, load_weights
+from river.config import PROJECTIONS
 from river.exits import ExitConfig, ExitParams, exit_decision
 from river.kv_cache import KVCache, pad_block_tables, slots_for
 from river.model import ForwardBatch, LlamaModel
-from river.quantize import quantize_w4
 
-PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 LAYERS = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("exits")
-    hf.save_pretrained(path, safe_serialization=True)
-    mc, _ = load_config(path)
-    weights = load_weights(path, mc)
-    quant = {
-        f"layers.{n}.{p}": quantize_w4(weights["layers"][n][p], group_size=32)
-        for n in range(LAYERS)
-        for p in PROJ
-    }
-    return mc, weights, quant
+    return tiny_checkpoint(tmp_path_factory.mktemp("exits"), layers=LAYERS)
 
 
 def build(tiny, layer_source=None, num_layers=None, river=True):
@@ -52,12 +25,8 @@ def build(tiny, layer_source=None, num_layers=None, river=True):
     layers = []
     for n, lw in enumerate(weights["layers"][: num_layers or LAYERS]):
         src = (layer_source or "b" * LAYERS)[n]
-        layers.append(
-            {
-                **lw,
-                **({p: quant[f"layers.{n}.{p}"].dequantize() for p in PROJ} if src == "r" else {}),
-            }
-        )
+        twin = {p: quant[f"layers.{n}.{p}"].dequantize() for p in PROJECTIONS}
+        layers.append({**lw, **(twin if src == "r" else {})})
     w["layers"] = layers
     cfg = mc if num_layers is None else type(mc)(**{**mc.__dict__, "num_layers": num_layers})
     model = LlamaModel(cfg, w, "cpu", torch.float32, 128, ops="reference")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -17,18 +16,15 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
 import gpu_check  # noqa: E402
+from checkout import run_script  # noqa: E402
+from gpu_figures import junit_figure  # noqa: E402
+from gpu_steps import compare_greedy, greedy_figure  # noqa: E402
 
 NO_MODEL = (None, "no default model here")
 
 
-def _run(*args, cwd=ROOT, timeout=180):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _run(*args, cwd=ROOT):
+    return run_script(SCRIPT, *args, cwd=cwd)
 
 
 def test_help_lists_every_step():
@@ -130,8 +126,8 @@ def test_junit_figure(tmp_path):
     xml.write_text(
         '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2"/></testsuites>'
     )
-    assert gpu_check._junit_figure(xml) == "3 passed, 2 skipped, 2 failed"
-    assert gpu_check._junit_figure(tmp_path / "missing.xml") is None
+    assert junit_figure(xml) == "3 passed, 2 skipped, 2 failed"
+    assert junit_figure(tmp_path / "missing.xml") is None
 
 
 def test_one_cheap_step_for_real(tmp_path):
@@ -175,15 +171,15 @@ def test_engine_comparison_accepts_only_near_ties():
     ref = _FakeReference({7: -0.50, 8: -0.55, 9: -3.0})
     prompts, ids = ["a", "b", "c"], [[1], [1], [1]]
     want = [[5, 6, 7], [5, 7, 4], [7, 7]]
-    rows, ok = gpu_check.compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 8, 4], [7, 7]],
+    rows, ok = compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 8, 4], [7, 7]],
                                         tie_nats=0.15)  # fmt: skip
     assert ok and "first_difference" not in rows[0]
     assert rows[1]["first_difference"] == 1 and rows[1]["gap_nats"] == pytest.approx(0.05)
-    assert gpu_check.greedy_figure(rows, ok, 3).startswith("2/3 prompts equal over 3 tokens")
-    rows, ok = gpu_check.compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 9, 4], [7, 7]],
+    assert greedy_figure(rows, ok, 3).startswith("2/3 prompts equal over 3 tokens")
+    rows, ok = compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 9, 4], [7, 7]],
                                         tie_nats=0.15)  # fmt: skip
     assert not ok and rows[1]["gap_nats"] == pytest.approx(2.5)
-    rows, ok = gpu_check.compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 7, 4], [7]],
+    rows, ok = compare_greedy(ref, prompts, ids, want, [[5, 6, 7], [5, 7, 4], [7]],
                                         tie_nats=0.15)  # fmt: skip
     assert not ok and rows[2]["gap_nats"] is None  # a shorter output is never a tie
 

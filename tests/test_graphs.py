@@ -1,3 +1,4 @@
+# Over 400 lines, one concept: the decode graph runner's tests share one set of fixtures.
 """The decode graph runner: bucket and padding bookkeeping, the padded static step against plain
 model.decode (CPU, on a tiny random Llama built like tests/test_exits.py), the forced-exit
 histogram sampler, and on a GPU: replay == eager for every bucket, 64 steps with no host sync,
@@ -9,21 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import forbid_host_sync
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import forbid_host_sync, tiny_checkpoint
 
-from river.checkpoint import load_config, load_weights
+from river.decode_inputs import DecodeInputs
 from river.exits import AFTER_RIVER, ExitConfig, ExitParams
-from river.graphs import (
-    DecodeGraphRunner,
-    DecodeInputs,
-    GraphBuckets,
-    bucket_for,
-    graph_buckets,
-)
+from river.graphs import DecodeGraphRunner, GraphBuckets, bucket_for, graph_buckets
 from river.kv_cache import KVCache, pad_block_tables, slots_for
 from river.model import ForwardBatch, LlamaModel
-from river.quantize import quantize_w4
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 from forced_exits import (  # noqa: E402
@@ -33,7 +26,6 @@ from forced_exits import (  # noqa: E402
     forced_exit_configs,
 )
 
-PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 LAYERS = 4
 BLOCK = 4
 MAX_BLOCKS = 6  # per sequence: 24 tokens
@@ -42,37 +34,9 @@ NUM_BLOCKS = 8 * MAX_BLOCKS + 1  # 8 sequences, and the last block is the runner
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def tiny_checkpoint(tmp_path_factory, hidden, inter, heads, kv_heads, vocab, group):
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("graphs")
-    hf.save_pretrained(path, safe_serialization=True)
-    mc, _ = load_config(path)
-    weights = load_weights(path, mc)
-    quant = {
-        f"layers.{n}.{p}": quantize_w4(weights["layers"][n][p], group_size=group)
-        for n in range(LAYERS)
-        for p in PROJ
-    }
-    return mc, weights, quant
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory, 64, 128, 4, 2, 200, 32)
+    return tiny_checkpoint(tmp_path_factory.mktemp("graphs"), LAYERS)
 
 
 def build(ckpt, device="cpu", dtype=torch.float32, river=True, num_blocks=NUM_BLOCKS):
@@ -477,7 +441,7 @@ def gpu_ckpt(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     # Triton-friendly shapes: head_dim 64, K multiple of the W4 group (64)
-    return tiny_checkpoint(tmp_path_factory, 256, 512, 4, 2, 512, 64)
+    return tiny_checkpoint(tmp_path_factory.mktemp("graphs"), LAYERS, 256, 512, 4, 2, 512, 64)
 
 
 def gpu_model(ckpt):

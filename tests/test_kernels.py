@@ -1,3 +1,4 @@
+# Over 400 lines, one concept: every Triton kernel against its reference, one shared setup.
 """Triton kernels against their plain-PyTorch twins in kernels/reference.py.
 
 Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1) on small shapes in
@@ -36,25 +37,36 @@ def _kernel_modules():
     except ImportError:  # not installed: the repository root has `kernels/`
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
         import kernels as pkg
-    names = ("linear", "qkv_rope", "rms_norm", "decode_attention", "prefill_attention", "sampling")
+    # dependencies first: a reload re-decorates the shared device helpers before their users
+    names = (
+        "tiles",
+        "splitk",
+        "matmul",
+        "qkv_rope",
+        "norm",
+        "decode_attention",
+        "prefill",
+        "sampling",
+    )
     mods = {n: importlib.import_module(f"{pkg.__name__}.{n}") for n in names}
     if INTERPRET:
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(mods["linear"]._linear_kernel, InterpretedFunction):
-            # imported before TRITON_INTERPRET was set: decorate again (linear first, the
-            # others import its helpers)
+        if not isinstance(mods["tiles"].matmul_tile, InterpretedFunction):
+            # imported before TRITON_INTERPRET was set: decorate again
             mods = {n: importlib.reload(mods[n]) for n in names}
     return pkg, mods
 
 
 PKG, MODS = _kernel_modules()
 REF = importlib.import_module(f"{PKG.__name__}.reference")
-LIN = MODS["linear"]
+LIN = MODS["matmul"]
+SETTINGS = importlib.import_module(f"{PKG.__name__}.matmul_settings")
+SPLITK = MODS["splitk"]
 QKV = MODS["qkv_rope"]
-NORM = MODS["rms_norm"]
+NORM = MODS["norm"]
 DEC = MODS["decode_attention"]
-PRE = MODS["prefill_attention"]
+PRE = MODS["prefill"]
 SAMP = MODS["sampling"]
 
 DTYPES = [torch.float32, torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
@@ -212,17 +224,15 @@ def test_linear_split_k(fmt, m, block, gate_up, monkeypatch):
     weight = make_weight(fmt, n, k, dtype)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     mask = make_mask("some", m)
-    n_out = n // 2 if gate_up else n
-    key = ("dense" if fmt == "dense" else "w4", n_out, k, LIN._m_bucket(m))
-    monkeypatch.setitem(LIN.LINEAR_TABLE, key, LIN.LaunchSettings(*block, split_k=4))
+    settings = SETTINGS.LaunchSettings(*block, split_k=4)
     op, ref = (LIN.gate_up_silu, REF.gate_up_silu) if gate_up else (LIN.linear, REF.linear)
     expected = ref(x.float(), dense32(weight))
-    first = op(x, weight, row_mask=mask)
-    second = op(x, weight, row_mask=mask)
+    first = op(x, weight, row_mask=mask, settings=settings)
+    second = op(x, weight, row_mask=mask, settings=settings)
     assert torch.equal(first, second)  # split order is fixed: bitwise deterministic
     assert_close(first[mask], expected[mask], dtype, scale=2.0)
     assert not first[~mask].any()
-    _, counters = LIN._WORKSPACE.get(torch.device(DEVICE), 0, 0)
+    _, counters = SPLITK.workspace(torch.device(DEVICE), 0, 0)
     assert not counters.any()  # every ticket was handed back
 
 
@@ -244,12 +254,12 @@ def test_linear_settings_table():
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096)):
         for m in (1, 8, 32, 64):
             for w4 in (True, False):
-                cfg = LIN.linear_settings(n, k, m, w4, 64, 132)
+                cfg = SETTINGS.linear_settings(n, k, m, w4, 64, 132)
                 assert k % cfg.block_k == 0
                 if w4 and cfg.block_m == 1:
                     assert cfg.block_k % 64 == 0
                 programs = cfg.split_k * -(-n // cfg.block_n) * -(-m // cfg.block_m)
-                assert programs >= 2 * 132 or cfg.split_k == LIN._MAX_SPLIT_K
+                assert programs >= 2 * 132 or cfg.split_k == SPLITK.MAX_SPLIT_K
 
 
 # ----------------------------------------------------------------------------- rms_norm
@@ -339,7 +349,7 @@ def test_qkv_rope_store_w4_gemv_split(monkeypatch):
     cos, sin = rope_tables(32, d)
     pos = torch.tensor([17], device=DEVICE)
     slots = torch.tensor([2 * page - 1], device=DEVICE)
-    monkeypatch.setattr(QKV, "_pick_split", lambda *a: 4)
+    monkeypatch.setattr(QKV, "pick_split", lambda *a: 4)
     kc = torch.zeros(2, page, hkv, d, device=DEVICE, dtype=dtype)
     vc = torch.zeros_like(kc)
     q = QKV.qkv_rope_store(x, weight, cos, sin, pos, kc, vc, slots, hq, hkv)
@@ -390,10 +400,10 @@ def test_paged_decode_attention(
     q = torch.randn(b, hq, d, device=DEVICE).to(dtype)
     mask = make_mask(mask_kind, b)
     kv_valid = (torch.rand(nb, page, device=DEVICE) < 0.8) if kvv else None
-    monkeypatch.setitem(DEC.DECODE_SPLIT_TABLE, (b * hkv, maxb * page), splits)
     out = DEC.paged_decode_attention(
-        q, k_cache, v_cache, tables, ctx, d**-0.5, row_mask=mask, kv_valid=kv_valid
-    )
+        q, k_cache, v_cache, tables, ctx, d**-0.5, row_mask=mask, kv_valid=kv_valid,
+        num_splits=splits,
+    )  # fmt: skip
     ref = REF.paged_decode_attention(
         q.float(), k_cache.float(), v_cache.float(), tables, ctx, d**-0.5, mask, kv_valid
     )
@@ -407,17 +417,14 @@ def test_decode_scratch_reuse_and_capacity():
     q = torch.randn(3, 8, 32, device=DEVICE).to(dtype)
     scratch = DEC.alloc_decode_scratch(4, 8, 32, max_splits=8, device=DEVICE)
     ref = REF.paged_decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, ctx, 0.2)
-    DEC.DECODE_SPLIT_TABLE[(3 * 2, 64)] = 4
-    try:
-        for _ in range(2):  # the tickets must be back at zero for the second launch
-            out = DEC.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, scratch=scratch)
-            assert_close(out, ref, dtype, scale=2.0)
-            assert not scratch.counters.any()
-        small = DEC.alloc_decode_scratch(2, 8, 32, max_splits=8, device=DEVICE)
-        with pytest.raises(ValueError):
-            DEC.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, scratch=small)
-    finally:
-        DEC.DECODE_SPLIT_TABLE.clear()
+    args = (q, k_cache, v_cache, tables, ctx, 0.2)
+    for _ in range(2):  # the tickets must be back at zero for the second launch
+        out = DEC.paged_decode_attention(*args, scratch=scratch, num_splits=4)
+        assert_close(out, ref, dtype, scale=2.0)
+        assert not scratch.counters.any()
+    small = DEC.alloc_decode_scratch(2, 8, 32, max_splits=8, device=DEVICE)
+    with pytest.raises(ValueError):
+        DEC.paged_decode_attention(*args, scratch=small, num_splits=4)
 
 
 def test_decode_num_splits_static():

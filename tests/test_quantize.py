@@ -1,33 +1,12 @@
-"""W4 quantization: the packed format the GEMV kernel reads, the methods' error, the cache."""
-
-import os
-import pathlib
-import sys
+"""W4 quantization: the packed format the GEMV kernel reads and the methods' error. The
+on-disk cache of the twins is tests/test_twin_cache.py."""
 
 import pytest
 import torch
+from w4_samples import channel_importance, gen, random_weights
 
 import river.quantize as rq
-from river.quantize import (
-    W4Weight,
-    load_or_quantize,
-    pack_int4,
-    quantize_model,
-    quantize_w4,
-    unpack_int4,
-)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _weights(n, k, seed=0, outliers=0.002):
-    """Gaussian weights at a typical LLM scale with a few 10x outliers, [n, k] float32."""
-    g = _gen(seed)
-    w = torch.randn(n, k, generator=g) * 0.02
-    mask = torch.rand(n, k, generator=g) < outliers
-    return torch.where(mask, w * 10, w)
+from river.quantize import W4Weight, pack_int4, quantize_model, quantize_w4, unpack_int4
 
 
 def _expand(t, group_size):
@@ -46,7 +25,7 @@ def test_pack_nibble_order_hand_built():
 
 
 def test_pack_unpack_round_trip_any_int_dtype():
-    q = torch.randint(0, 16, (7, 10), generator=_gen())
+    q = torch.randint(0, 16, (7, 10), generator=gen())
     for dtype in (torch.uint8, torch.int32, torch.int64):
         packed = pack_int4(q.to(dtype))
         assert packed.shape == (7, 5)
@@ -63,7 +42,7 @@ def test_pack_rejects_bad_input():
 
 
 def test_dequantize_matches_formula():
-    g = _gen(1)
+    g = gen(1)
     n, k, gs = 5, 8, 4
     q = torch.randint(0, 16, (n, k), generator=g)
     scales = torch.rand(n, k // gs, generator=g) + 0.1
@@ -86,7 +65,7 @@ def test_w4weight_validates_shapes():
 
 
 def test_to_casts_only_scales_and_zeros_and_is_lossless_in_bf16():
-    w4 = quantize_w4(_weights(16, 128), group_size=64)
+    w4 = quantize_w4(random_weights(16, 128), group_size=64)
     b = w4.to(dtype=torch.bfloat16)
     assert b.qweight.dtype == torch.uint8 and b.group_size == 64
     assert b.scales.dtype == torch.bfloat16 and b.zeros.dtype == torch.bfloat16
@@ -99,7 +78,7 @@ def test_to_casts_only_scales_and_zeros_and_is_lossless_in_bf16():
 # --------------------------------------------------------------------------- methods
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 def test_shapes_and_dtypes_with_odd_rows(method):
-    w = _weights(123, 192)
+    w = random_weights(123, 192)
     w4 = quantize_w4(w, group_size=64, method=method)
     assert w4.shape == (123, 192)
     assert w4.qweight.shape == (123, 96) and w4.qweight.dtype == torch.uint8
@@ -110,7 +89,7 @@ def test_shapes_and_dtypes_with_odd_rows(method):
 
 
 def test_rtn_error_bound_per_element():
-    w = _weights(123, 256, seed=2)
+    w = random_weights(123, 256, seed=2)
     w4 = quantize_w4(w, group_size=64, method="rtn")
     err = (w - w4.dequantize()).abs()
     bound = _expand(w4.scales, 64) / 2 + 1e-6
@@ -121,7 +100,7 @@ def test_rtn_error_bound_per_element():
 
 
 def test_hqq_reduces_mse_vs_rtn_and_never_loses_a_group():
-    w = _weights(512, 576, seed=3)
+    w = random_weights(512, 576, seed=3)
     rtn = quantize_w4(w, method="rtn")
     hqq = quantize_w4(w, method="hqq")
     e_rtn = (w - rtn.dequantize()).square().view(512, -1, 64).sum(-1)  # [N, groups]
@@ -133,19 +112,11 @@ def test_hqq_reduces_mse_vs_rtn_and_never_loses_a_group():
 
 
 def test_hqq_iterations_bound_and_zero_iterations_still_refines():
-    w = _weights(64, 128, seed=4)
+    w = random_weights(64, 128, seed=4)
     rtn = (w - quantize_w4(w, method="rtn").dequantize()).square().sum()
     for iters in (0, 1, 20):
         err = (w - quantize_w4(w, method="hqq", iters=iters).dequantize()).square().sum()
         assert err < rtn
-
-
-def _importance(k, seed=0, hot=(5, 70, 100), boost=1e3):
-    """Mean squared activations: log-normal spread plus a few channels `boost` x louder, the
-    shape measured on real models (massive activations in a handful of channels)."""
-    imp = torch.randn(k, generator=_gen(seed)).mul(0.5).exp()
-    imp[list(hot)] *= boost
-    return imp
 
 
 def _weighted_group_errors(w, w4, imp, group_size=64):
@@ -154,8 +125,8 @@ def _weighted_group_errors(w, w4, imp, group_size=64):
 
 
 def test_importance_lowers_the_weighted_error_and_never_loses_a_group_to_rtn():
-    w = _weights(256, 192, seed=11)
-    imp = _importance(192)
+    w = random_weights(256, 192, seed=11)
+    imp = channel_importance(192)
     plain = quantize_w4(w)
     weighted = quantize_w4(w, importance=imp)
     rtn = quantize_w4(w, method="rtn")
@@ -171,7 +142,7 @@ def test_importance_lowers_the_weighted_error_and_never_loses_a_group_to_rtn():
 
 
 def test_uniform_importance_is_plain_hqq():
-    w = _weights(64, 128, seed=12)
+    w = random_weights(64, 128, seed=12)
     plain = quantize_w4(w)
     for imp in (torch.ones(128), torch.full((128,), 7.5)):
         flat = quantize_w4(w, importance=imp)
@@ -184,9 +155,9 @@ def test_uniform_importance_is_plain_hqq():
 
 
 def test_rtn_ignores_importance_and_importance_is_validated():
-    w = _weights(16, 128, seed=13)
+    w = random_weights(16, 128, seed=13)
     a = quantize_w4(w, method="rtn")
-    b = quantize_w4(w, method="rtn", importance=_importance(128))
+    b = quantize_w4(w, method="rtn", importance=channel_importance(128))
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
     with pytest.raises(ValueError, match="expected K=128"):
         quantize_w4(w, importance=torch.ones(64))
@@ -199,9 +170,9 @@ def test_rtn_ignores_importance_and_importance_is_validated():
         quantize_w4(w, importance=bad)
 
 
-def test_quantize_model_uses_per_name_importance():
-    named = {"a": _weights(32, 128, 1), "b": _weights(32, 128, 2)}
-    imp = _importance(128)
+def test_quantize_model_uses_per_namechannel_importance():
+    named = {"a": random_weights(32, 128, 1), "b": random_weights(32, 128, 2)}
+    imp = channel_importance(128)
     out = quantize_model(named, progress=False, importance={"a": imp})
     assert torch.equal(out["a"].qweight, quantize_w4(named["a"], importance=imp).qweight)
     assert torch.equal(out["b"].qweight, quantize_w4(named["b"]).qweight)  # no entry: plain
@@ -209,7 +180,7 @@ def test_quantize_model_uses_per_name_importance():
 
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 def test_constant_groups_are_exact_and_finite(method):
-    w = _weights(6, 256, seed=5)
+    w = random_weights(6, 256, seed=5)
     w[0] = 0.0  # all-zero row
     w[1, :64] = 0.37  # constant positive group
     w[2, 64:128] = -1.25  # constant negative group
@@ -246,7 +217,7 @@ def test_rejects_bad_method_shape_and_nonfinite():
 
 
 def test_chunking_does_not_change_rtn(monkeypatch):
-    w = _weights(123, 128, seed=6)
+    w = random_weights(123, 128, seed=6)
     whole = quantize_w4(w, method="rtn")
     monkeypatch.setattr(rq, "_CHUNK_ELEMS", 10 * 128)  # 13 chunks, the last one ragged
     chunked = quantize_w4(w, method="rtn")
@@ -258,7 +229,7 @@ def test_chunking_does_not_change_rtn(monkeypatch):
 
 
 def test_other_group_sizes():
-    w = _weights(10, 256, seed=7)
+    w = random_weights(10, 256, seed=7)
     for gs in (32, 128, 256):
         w4 = quantize_w4(w, group_size=gs)
         assert w4.scales.shape == (10, 256 // gs) and w4.group_size == gs
@@ -266,7 +237,11 @@ def test_other_group_sizes():
 
 
 def test_quantize_model_keeps_names_and_order_and_thread_count():
-    named = {"z.last": _weights(8, 64, 1), "a.first": _weights(16, 128, 2), "m": _weights(3, 64)}
+    named = {
+        "z.last": random_weights(8, 64, 1),
+        "a.first": random_weights(16, 128, 2),
+        "m": random_weights(3, 64),
+    }
     threads = torch.get_num_threads()
     out = quantize_model(named, progress=False)
     assert list(out) == list(named)
@@ -275,187 +250,3 @@ def test_quantize_model_keeps_names_and_order_and_thread_count():
         assert out[name].shape == tuple(w.shape)
         single = quantize_w4(w)
         assert torch.equal(out[name].qweight, single.qweight)
-
-
-# --------------------------------------------------------------------------- cache
-def _small_model(seed=0):
-    return {
-        "layers.0.q": _weights(64, 128, seed),
-        "layers.0.down": _weights(33, 192, seed + 1),
-        "layers.1.q": _weights(64, 128, seed + 2),
-    }
-
-
-def _assert_same(a: dict, b: dict):
-    assert list(a) == list(b)
-    for name in a:
-        assert a[name].group_size == b[name].group_size
-        for field in ("qweight", "scales", "zeros"):
-            x, y = getattr(a[name], field), getattr(b[name], field)
-            assert x.dtype == y.dtype and torch.equal(x, y), (name, field)
-
-
-class _CountQuantize:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = rq.quantize_model
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(rq, "quantize_model", counted)
-
-
-def test_cache_round_trip_is_bit_identical(tmp_path, monkeypatch):
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
-    named = _small_model()
-    counter = _CountQuantize(monkeypatch)
-    first = load_or_quantize(tmp_path, named, progress=False)
-    path = tmp_path / "river-w4-g64-hqq.safetensors"
-    assert path.is_file() and counter.calls == 1
-    assert not list(tmp_path.glob("*.tmp"))
-    second = load_or_quantize(tmp_path, named, progress=False)
-    assert counter.calls == 1  # loaded, not quantized again
-    _assert_same(first, second)
-    assert all(w.scales.dtype == torch.float32 for w in second.values())
-    # stored float32 with the metadata that keys it
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        assert f.get_tensor("layers.0.down.scales").dtype == torch.float32
-        assert set(f.keys()) == {f"{n}.{x}" for n in named for x in ("qweight", "scales", "zeros")}
-    assert meta["group_size"] == "64" and meta["method"] == "hqq"
-    assert meta["format_version"] == str(rq.FORMAT_VERSION)
-    assert meta["fingerprint"] == rq.fingerprint(named)
-
-
-def test_cache_file_is_per_group_size_and_method(tmp_path):
-    named = _small_model()
-    a = load_or_quantize(tmp_path, named, group_size=32, method="rtn", progress=False)
-    assert (tmp_path / "river-w4-g32-rtn.safetensors").is_file()
-    assert a["layers.0.q"].group_size == 32
-    b = load_or_quantize(tmp_path, named, group_size=64, method="rtn", progress=False)
-    assert b["layers.0.q"].group_size == 64
-
-
-def test_changed_weight_invalidates_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
-    named = _small_model()
-    counter = _CountQuantize(monkeypatch)
-    first = load_or_quantize(tmp_path, named, progress=False)
-    changed = {k: v.clone() for k, v in named.items()}
-    changed["layers.0.down"][0, 1] += 0.5  # between two of the strided samples
-    assert rq.fingerprint(changed) != rq.fingerprint(named)
-    second = load_or_quantize(tmp_path, changed, progress=False)
-    assert counter.calls == 2
-    assert not torch.equal(first["layers.0.down"].qweight, second["layers.0.down"].qweight)
-    _assert_same(second, quantize_model(changed, progress=False))
-    # the rebuilt file now serves the changed weights
-    third = load_or_quantize(tmp_path, changed, progress=False)
-    assert counter.calls == 2
-    _assert_same(second, third)
-
-
-def test_fingerprint_sees_dtype_independent_values_and_names():
-    named = _small_model()
-    fp = rq.fingerprint(named)
-    assert rq.fingerprint({k: v.clone() for k, v in named.items()}) == fp
-    renamed = dict(named)
-    renamed["layers.9.q"] = renamed.pop("layers.1.q")
-    assert rq.fingerprint(renamed) != fp
-    as_bf16 = {k: v.bfloat16() for k, v in named.items()}
-    assert rq.fingerprint(as_bf16) == rq.fingerprint({k: v.float() for k, v in as_bf16.items()})
-
-
-def test_corrupt_cache_is_rebuilt(tmp_path):
-    named = _small_model()
-    good = load_or_quantize(tmp_path, named, method="rtn", progress=False)
-    path = tmp_path / "river-w4-g64-rtn.safetensors"
-    path.write_bytes(path.read_bytes()[:100])  # truncated
-    with pytest.warns(UserWarning, match="unreadable"):
-        again = load_or_quantize(tmp_path, named, method="rtn", progress=False)
-    _assert_same(good, again)
-    _assert_same(good, load_or_quantize(tmp_path, named, method="rtn", progress=False))
-
-
-def _readonly_dirs(tmp_path):
-    """Directories this process cannot write: chmod works unless we are root, /proc always."""
-    dirs = []
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        d = tmp_path / "ro_model"
-        d.mkdir()
-        d.chmod(0o555)
-        dirs.append(d)
-    if sys.platform.startswith("linux") and pathlib.Path("/proc").is_dir():
-        dirs.append(pathlib.Path("/proc"))
-    return dirs
-
-
-def test_unwritable_model_dir_falls_back(tmp_path, monkeypatch):
-    dirs = _readonly_dirs(tmp_path)
-    if not dirs:
-        pytest.skip("no unwritable directory available")
-    named = _small_model()
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
-    counter = _CountQuantize(monkeypatch)
-    for i, model_dir in enumerate(dirs):
-        calls = counter.calls
-        # explicit cache_dir
-        cache = tmp_path / f"cache{i}"
-        a = load_or_quantize(model_dir, named, method="rtn", cache_dir=cache, progress=False)
-        assert (cache / "river-w4-g64-rtn.safetensors").is_file()
-        assert not (model_dir / "river-w4-g64-rtn.safetensors").exists()
-        b = load_or_quantize(model_dir, named, method="rtn", cache_dir=cache, progress=False)
-        _assert_same(a, b)
-        # default: $RIVER_HOME/quant/<hash of the model dir>
-        c = load_or_quantize(model_dir, named, method="rtn", progress=False)
-        homes = list((tmp_path / "home" / "quant").glob("*/river-w4-g64-rtn.safetensors"))
-        assert len(homes) >= 1
-        d = load_or_quantize(model_dir, named, method="rtn", progress=False)
-        _assert_same(a, c)
-        _assert_same(c, d)
-        assert counter.calls == calls + 2  # one build per location, then loads
-        for p in homes:
-            p.unlink()
-
-
-def test_unwritable_everywhere_still_returns_weights(tmp_path, monkeypatch):
-    if not pathlib.Path("/proc").is_dir():
-        pytest.skip("needs /proc")
-    named = _small_model()
-    with pytest.warns(UserWarning, match="could not write"):
-        out = load_or_quantize("/proc", named, method="rtn", cache_dir="/proc/x", progress=False)
-    _assert_same(out, quantize_model(named, method="rtn", progress=False))
-
-
-def test_importance_has_its_own_cache_keyed_by_tag(tmp_path, monkeypatch):
-    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
-    named = _small_model()
-    calls = []
-
-    def importance():
-        calls.append(1)
-        return {n: _importance(w.shape[1]) for n, w in named.items()}
-
-    counter = _CountQuantize(monkeypatch)
-    plain = load_or_quantize(tmp_path, named, progress=False)
-    first = load_or_quantize(
-        tmp_path, named, progress=False, importance=importance, importance_tag="t1"
-    )
-    assert (tmp_path / "river-w4-g64-hqq-act.safetensors").is_file()
-    assert counter.calls == 2 and len(calls) == 1
-    assert not torch.equal(first["layers.0.q"].qweight, plain["layers.0.q"].qweight)
-    again = load_or_quantize(
-        tmp_path, named, progress=False, importance=importance, importance_tag="t1"
-    )
-    assert counter.calls == 2 and len(calls) == 1  # cache hit: the statistics are not measured
-    _assert_same(first, again)
-    load_or_quantize(tmp_path, named, progress=False, importance=importance, importance_tag="t2")
-    assert counter.calls == 3 and len(calls) == 2  # other statistics: rebuilt
-    # the plain cache is untouched by all of this
-    _assert_same(plain, load_or_quantize(tmp_path, named, progress=False))
-    assert counter.calls == 3
-    with pytest.raises(ValueError, match="importance_tag"):
-        load_or_quantize(tmp_path, named, progress=False, importance=importance)

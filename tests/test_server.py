@@ -6,48 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from river import Engine, EngineConfig, ExitConfig, SamplingParams  # noqa: E402
-from river.server import ServerConfig, ServerHandle, add_serve_parser  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    AUTH,
+    ENGINE,
+    KEY,
+    extra,
+    greedy,
+    metric,
+    metrics,
+    reference_engine,
+    wait_idle,
+)
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-# The exact fp32 oracle path: served text must equal Engine.generate's token for token, and bf16
-# rounding depends on the batch a row shares (a near-tie of the random tiny model can flip).
-ENGINE = EngineConfig(
-    device="cpu", block_size=8, num_blocks=512, max_num_seqs=64, dtype=torch.float32,
-    ops="reference",
-)  # fmt: skip
-# On the 2-layer tiny model a river row may exit after layer 1; 0.5 is far from the cosines it
-# sees, so the exit decision cannot flip with batch composition.
-RIVER = {"mode": "river", "threshold": 0.5, "min_layer": 1}
-EXITS = {
-    "full": (None, ExitConfig("full")),
-    "w4": ("w4", ExitConfig("w4")),
-    "river": (RIVER, ExitConfig("river", 0.5, 1)),
-}
+from river import SamplingParams  # noqa: E402
+from river.server import ServerConfig, ServerHandle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ref(tiny_dir):
-    engine = Engine(str(tiny_dir), ENGINE)
-    engine.ensure_river(progress=False)  # also writes the twins' cache the server then loads
-    return engine
+    return reference_engine(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -61,78 +46,6 @@ def server(tiny_dir, ref):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def greedy(max_tokens, exit="full", **kw):
-    return SamplingParams(max_tokens=max_tokens, temperature=0, exit=EXITS[exit][1], **kw)
-
-
-def extra(exit="full", **kw):
-    body = dict(kw)
-    if EXITS[exit][0] is not None:
-        body["exit"] = EXITS[exit][0]
-    return body
-
-
-# ---------------------------------------------------------------------------- metrics parsing
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-_SAMPLE = re.compile(
-    rf"^({_NAME})(?:\{{({_LABEL}(?:,{_LABEL})*)\}})? "
-    r"([-+]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|Inf)|NaN)$"
-)
-_TYPE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
-_HELP = re.compile(rf"^# HELP ({_NAME}) .*$")
-
-
-def parse_metrics(text: str) -> dict:
-    """Strict Prometheus text format: {(name, ((label, value), ...)): float}. Every sample must
-    belong to a family whose TYPE came before it."""
-    assert text.endswith("\n")
-    types, out = {}, {}
-    for line in text.splitlines():
-        if m := _TYPE.match(line):
-            assert m[1] not in types, f"family declared twice: {line}"
-            types[m[1]] = m[2]
-            continue
-        if _HELP.match(line):
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        name, labels, value = m[1], m[2], m[3]
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
-        assert family in types, f"sample before its TYPE: {line}"
-        if types[family] == "counter":
-            assert name.endswith("_total"), f"counter without _total: {name}"
-        pairs = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
-        assert (name, pairs) not in out, f"duplicate sample {line}"
-        out[(name, pairs)] = float(value)
-    return out
-
-
-def metrics(server) -> dict:
-    r = httpx.get(server.url + "/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return parse_metrics(r.text)
-
-
-def metric(m, name, **labels) -> float:
-    return m[(name, tuple(labels.items()))]
-
-
-def wait_idle(server, timeout=10.0) -> dict:
-    """Metrics once nothing runs, waits or holds a KV block (aborts land between steps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(server)
-        idle = (
-            metric(m, "river_requests_running") == 0
-            and metric(m, "river_requests_waiting") == 0
-            and metric(m, "river_kv_blocks_used") == 0
-        )
-        if idle or time.monotonic() > deadline:
-            return m
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -184,28 +97,25 @@ def test_chat_equal_engine_chat(client, ref):
         {"role": "user", "content": "What is 2 + 2?"},
     ]
     want = ref.chat(messages, greedy(10, ignore_eos=True))
-    r = client.chat.completions.create(
-        model="tiny",
-        messages=messages,
-        max_tokens=10,
-        temperature=0,
-        extra_body=extra(ignore_eos=True),
-    )
+
+    def ask(msgs, **kw):
+        return client.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            extra_body=extra(ignore_eos=True),
+            **kw,
+        )
+
+    r = ask(messages)
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.text
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
     assert r.usage.completion_tokens == 10
 
-    stream = client.chat.completions.create(
-        model="tiny",
-        messages=messages,
-        max_tokens=10,
-        temperature=0,
-        stream=True,
-        extra_body=extra(ignore_eos=True),
-    )
-    chunks = list(stream)
+    chunks = list(ask(messages, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -213,13 +123,7 @@ def test_chat_equal_engine_chat(client, ref):
 
     # Text content parts read as the same conversation.
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]}]
-    r2 = client.chat.completions.create(
-        model="tiny",
-        messages=parts,
-        max_tokens=10,
-        temperature=0,
-        extra_body=extra(ignore_eos=True),
-    )
+    r2 = ask(parts)
     assert r2.choices[0].message.content == want.text
 
 
@@ -250,36 +154,6 @@ def test_stop_strings_and_seeded_sampling(client, ref):
         extra_body={"top_k": 40, "ignore_eos": True},
     )
     assert r.choices[0].text == want
-
-
-def test_token_id_prompt_and_default_exit(tiny_dir, ref):
-    """A prompt of token ids; a server whose default exit is river applies it to requests that
-    send none, and fills the fields a partial exit object leaves out."""
-    ids = ref.tokenizer.encode("def add(a, b):")
-    cfg = ServerConfig(model=str(tiny_dir), engine=ENGINE, default_exit=ExitConfig("river", 0.5, 1))
-    with ServerHandle(cfg) as h:
-        c = openai.OpenAI(base_url=h.url + "/v1", api_key="unused", max_retries=0)
-        for body, mode in [
-            ({}, "river"),
-            ({"exit": {"mode": "river"}}, "river"),
-            ({"exit": "full"}, "full"),
-        ]:
-            want = ref.generate([ids], greedy(8, mode, ignore_eos=True))[0]
-            r = c.completions.create(
-                model=tiny_dir.name,
-                prompt=ids,
-                max_tokens=8,
-                temperature=0,
-                extra_body={**body, "ignore_eos": True},
-            )
-            assert r.choices[0].text == want.text
-            assert r.river["exit"] == {
-                "mode": mode,
-                "threshold": 0.5,
-                "min_layer": 1,
-                "policy": "per_row",
-            }
-            assert r.river["mean_backbone_layers"] == pytest.approx(want.mean_backbone_layers)
 
 
 # ---------------------------------------------------------------------------- batching
@@ -466,50 +340,6 @@ def test_unknown_route_and_models(server):
     assert h.status_code == 200 and h.json() == {"status": "ok"}
 
 
-def test_loading_then_step_failure(tiny_dir):
-    """503 while the engine loads; a failing engine step fails only its batch (500) and the next
-    request is served from a pool with every block back."""
-    release = threading.Event()
-    holder = {}
-
-    def factory():
-        release.wait(30)
-        engine = Engine(str(tiny_dir), ENGINE)
-        real_step = engine.step
-
-        def step():
-            if holder.pop("fail", False):
-                raise RuntimeError("injected failure")
-            return real_step()
-
-        engine.step = step
-        return engine
-
-    h = ServerHandle(ServerConfig(model=str(tiny_dir), engine=ENGINE), engine_factory=factory)
-    h.start(wait_ready=False)
-    try:
-        body = {"prompt": "x", "max_tokens": 3}
-        assert httpx.get(h.url + "/health").status_code == 503
-        r = httpx.post(h.url + "/v1/completions", json=body)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
-        assert httpx.get(h.url + "/v1/models").status_code == 503
-        assert httpx.get(h.url + "/metrics").status_code == 200
-        release.set()
-        assert h.engine_loop.ready.wait(60) and h.engine_loop.state == "ready"
-        holder["fail"] = True
-        r = httpx.post(h.url + "/v1/completions", json=body, timeout=30)
-        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        assert "injected failure" in r.json()["error"]["message"]
-        r = httpx.post(h.url + "/v1/completions", json=body, timeout=30)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        m = wait_idle(h)
-        assert metric(m, "river_kv_blocks_used") == 0
-        assert metric(m, "river_requests_total", finish_reason="error") == 1
-    finally:
-        release.set()
-        h.stop()
-
-
 # ---------------------------------------------------------------------------- metrics
 def test_metrics_count_served_tokens(server, client):
     before = metrics(server)
@@ -546,75 +376,3 @@ def test_metrics_count_served_tokens(server, client):
     assert inf == metric(hist, "river_exit_backbone_layers_count") > 0
     assert buckets[0] > 0  # the w4 requests ran no backbone layer in decode
     assert metric(hist, "river_decode_tokens_per_second") >= 0
-
-
-# ---------------------------------------------------------------------------- command line
-def test_serve_parser():
-    import argparse
-
-    from river.exits import MODES, POLICIES
-    from river.server import EXIT_MODES, EXIT_POLICIES
-
-    assert EXIT_MODES == MODES and EXIT_POLICIES == POLICIES
-    # Building the parser must not import torch (the `river` command line's --help stays fast).
-    code = "import sys, river.server; print('torch' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == "False", r.stderr
-
-    p = argparse.ArgumentParser(prog="river")
-    add_serve_parser(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(
-        ["serve", "some/dir", "--port", "9001", "--exit", "river", "--min-layer", "3"]
-    )
-    assert args.model == "some/dir" and args.port == 9001 and args.func.__name__ == "run_serve"
-    from river.server import config_from_args
-
-    cfg = config_from_args(args)
-    assert cfg.default_exit == ExitConfig("river", min_layer=3) and cfg.api_key is None
-    args = p.parse_args(["serve"])
-    assert args.model is None and args.host == "127.0.0.1" and args.port == 8000
-
-
-def test_serve_subprocess(tiny_dir, ref):
-    """`python -m river.server` (what `river serve` runs): serves, then exits 0 on SIGINT."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "river.server", str(tiny_dir), "--port", str(port)]
-    cmd += ["--device", "cpu", "--log-level", "warning", "--served-model-name", "t"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-        want = ref.generate("def f(x):", greedy(5, ignore_eos=True))[0].text
-        body = {"model": "t", "prompt": "def f(x):", "max_tokens": 5, "temperature": 0}
-        r = httpx.post(url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=30)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-
-
-def test_serve_bad_model_exits_2(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    missing = str(tmp_path / "missing")
-    r = subprocess.run(
-        [sys.executable, "-m", "river.server", missing, "--port", "0", "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import regex
 
-from river.convert import _byte_alphabet
 from river.errors import InvalidRequestError, TokenizerError
+from river.gguf_tokenizer import byte_alphabet
 from river.tokenizer import Tokenizer
 
 TEXTS = [
@@ -98,7 +98,7 @@ def test_special_ids(tok):
 
 @pytest.mark.parametrize("text", ALL_TEXTS)
 def test_pre_tokenizer_matches_llama_cpp(tok, text):
-    back = {c: b for b, c in _byte_alphabet().items()}
+    back = {c: b for b, c in byte_alphabet().items()}
     pieces = tok._backend.pre_tokenizer.pre_tokenize_str(text)
     ours = [bytes(back[c] for c in p).decode("utf-8") for p, _ in pieces]
     assert ours == _llama_cpp_smollm_pieces(text)
@@ -175,7 +175,7 @@ def test_stream_pieces_are_whole_characters(tok, text):
 
 def test_stream_flushes_invalid_bytes(tok):
     # One lone UTF-8 lead byte, then one lone continuation byte: neither ever completes.
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     lead, cont = tok.token_to_id(alphabet[0xE6]), tok.token_to_id(alphabet[0x80])
     ids = tok.encode("ok ") + [lead]
     pieces, rest = _stream(tok, ids)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import check_device
+
 __all__ = ["rms_norm"]
 
 
@@ -48,14 +50,17 @@ def _rms_norm_kernel(
     tl.store(y_ptr + row * stride_y_m + offs, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch_rms_norm(x, weight, eps, residual):
+def rms_norm(x, weight, eps, residual=None):
+    """(y, x + residual): y = x / sqrt(mean(x^2) + eps) * weight after the residual add.
+
+    x, residual [M, H]; weight [H]. Same semantics as reference.rms_norm (without a residual
+    the second element is x itself)."""
     if x.dim() != 2:
         raise ValueError(f"rms_norm expects x [M, H], got shape {tuple(x.shape)}")
     m, h = x.shape
     if tuple(weight.shape) != (h,):
         raise ValueError(f"rms_norm weight must be [{h}], got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"weight on {weight.device}, x on {x.device}")
+    check_device(x, "x", weight=weight)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(0) != 1:
@@ -77,27 +82,10 @@ def _launch_rms_norm(x, weight, eps, residual):
     # ~8 row elements per thread: enough loads in flight, no register spills up to 16k
     num_warps = max(1, min(16, block_h // 256))
     _rms_norm_kernel[(m,)](
-        x_ptr=x,
-        res_ptr=residual if residual is not None else x,
-        w_ptr=weight,
-        y_ptr=y,
-        res_out_ptr=res_out,
-        H=h,
-        eps=float(eps),
-        stride_x_m=x.stride(0),
-        stride_res_m=residual.stride(0) if residual is not None else 0,
-        stride_y_m=y.stride(0),
-        stride_res_out_m=res_out.stride(0),
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_H=block_h,
+        x_ptr=x, res_ptr=residual if residual is not None else x, w_ptr=weight, y_ptr=y,
+        res_out_ptr=res_out, H=h, eps=float(eps), stride_x_m=x.stride(0),
+        stride_res_m=residual.stride(0) if residual is not None else 0, stride_y_m=y.stride(0),
+        stride_res_out_m=res_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK_H=block_h,
         num_warps=num_warps,
-    )
+    )  # fmt: skip
     return y, res_out
-
-
-def rms_norm(x, weight, eps, residual=None):
-    """(y, x + residual): y = x / sqrt(mean(x^2) + eps) * weight after the residual add.
-
-    x, residual [M, H]; weight [H]. Same semantics as reference.rms_norm (without a residual
-    the second element is x itself)."""
-    return _launch_rms_norm(x, weight, eps, residual)

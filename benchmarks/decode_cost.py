@@ -1,0 +1,48 @@
+"""The ideal speedups of bench_decode.py: the bytes one decode step reads (weights, and the K/V
+of attention) per exit mode, from the model's sizes and the distribution of exit depths. A
+decode step at small batch is bound by these reads, so their ratio is the speedup to expect."""
+
+from __future__ import annotations
+
+
+def exit_distribution(num_layers, exit_layers, hist):
+    """P(a token runs k backbone layers), k = 0..num_layers, for the forced exits: drawn from
+    `hist` when given, else always `exit_layers`."""
+    if hist is not None:
+        return list(hist.rescaled(num_layers).probs)
+    k = min(max(exit_layers, 0), num_layers)
+    return [1.0 if j == k else 0.0 for j in range(num_layers + 1)]
+
+
+def bytes_per_step(cfg, mode, batch, probs, context, group_size):
+    """(weight bytes, KV bytes) read by one decode step of `batch` rows (expected values when
+    the rows' exit depths are random: a weight set is read at a layer if any row needs it)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h
+    params = qkv + h * cfg.num_heads * d + 2 * i * h + h * i
+    bf16 = 2 * params + 2 * 2 * h  # + the two norms
+    w4 = params // 2 + 2 * 2 * params // group_size  # nibbles + bf16 scale and zero per group
+    head = 2 * cfg.vocab_size * h + 2 * batch * h  # lm_head + the embedding rows
+    kv_row = 2 * 2 * cfg.num_kv_heads * d * (context + 1)  # K and V of one row at one layer
+    base = "full" if mode == "full-shared" else mode
+    weights, kv = head, 0.0
+    for n in range(cfg.num_layers):
+        p_out = sum(probs[: n + 1])  # P(row has left the backbone before layer n)
+        if base == "full":
+            p_out = 0.0
+        elif base == "w4":
+            p_out = 1.0
+        any_bb = 1.0 - p_out**batch
+        any_out = 1.0 - (1.0 - p_out) ** batch
+        if base in ("full", "w4", "river"):
+            weights += any_bb * bf16 + any_out * w4
+            kv += batch * kv_row  # every row attends at every layer
+        elif base == "propagate":
+            # the exited rows' K/V come from the fused bf16 qkv weight: read whenever any row
+            # is there at all (every row is in the backbone or propagating)
+            weights += any_bb * (bf16 - 2 * qkv) + 2 * qkv
+            kv += batch * (1 - p_out) * kv_row
+        elif base == "mask":
+            weights += any_bb * bf16
+            kv += batch * (1 - p_out) * kv_row
+    return weights, kv

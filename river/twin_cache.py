@@ -1,0 +1,187 @@
+"""The on-disk cache of the W4 river twins: one safetensors file per model directory, group
+size, method and (un)weighted error, its metadata keyed by a fingerprint of the source weights,
+the importance measurement and the quantizer's versions, so that a changed model or quantizer
+rebuilds it instead of loading stale twins.
+
+File layout: for every weight NAME the tensors NAME.qweight, NAME.scales and NAME.zeros (see
+river.quantize for the format), scales and zeros stored float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import uuid
+import warnings
+
+import torch
+
+from river.model_cache import river_home
+from river.quantize import FORMAT_VERSION, W4Weight, quantize_model
+from river.w4_methods import ALGO_VERSION, METHODS
+
+
+def cache_file_name(group_size: int, method: str, weighted: bool = False) -> str:
+    # The "river-" prefix matters: river.checkpoint skips such files when globbing for shards.
+    return f"river-w4-g{group_size}-{method}{'-act' if weighted else ''}.safetensors"
+
+
+def _fallback_dir(model_dir: pathlib.Path, cache_dir) -> pathlib.Path:
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir).expanduser()
+    key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+    return river_home() / "quant" / key
+
+
+def fingerprint(named_weights: dict[str, torch.Tensor]) -> str:
+    """Cheap identity of the source weights: names, shapes, an exact checksum of every
+    element's float32 bits, and 257 strided samples per tensor.
+
+    Taken on the float32 values that quantize_w4 sees, so the same weights passed as bf16 or
+    float32 match. The checksum sums the raw bits as integers: exact and independent of the
+    reduction order (and so of the thread count), unlike a float sum, for one pass over the data.
+    """
+    h = hashlib.sha256()
+    for name in sorted(named_weights):
+        w = named_weights[name]
+        h.update(f"{name}|{tuple(w.shape)}|".encode())
+        bits = w.detach().cpu().float().contiguous().view(-1).view(torch.int32)
+        if bits.numel() == 0:
+            continue
+        h.update(str(int(bits.sum(dtype=torch.int64))).encode())
+        idx = torch.linspace(0, bits.numel() - 1, 257).long()
+        h.update(bits[idx].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _metadata(group_size, method, fp, names, importance_tag="") -> dict[str, str]:
+    return {
+        "importance": importance_tag,
+        "format": "river-w4",
+        "format_version": str(FORMAT_VERSION),
+        "algo_version": str(ALGO_VERSION),
+        "group_size": str(group_size),
+        "method": method,
+        "fingerprint": fp,
+        "names": json.dumps(sorted(names)),
+    }
+
+
+def _try_load(path: pathlib.Path, expected: dict[str, str], shapes: dict) -> dict | None:
+    """The cached W4 weights at `path`, or None if absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if any(meta.get(k) != v for k, v in expected.items()):
+                return None  # other weights, parameters or code version: rebuild
+            group_size = int(meta["group_size"])
+            out = {}
+            for name, (n, k) in shapes.items():
+                out[name] = W4Weight(
+                    qweight=f.get_tensor(f"{name}.qweight"),
+                    scales=f.get_tensor(f"{name}.scales"),
+                    zeros=f.get_tensor(f"{name}.zeros"),
+                    group_size=group_size,
+                )
+                if out[name].shape != (n, k):
+                    return None
+            return out
+    except Exception as e:  # a truncated or corrupt cache is rebuilt, never fatal
+        warnings.warn(f"ignoring unreadable W4 cache {path}: {e}", stacklevel=3)
+        return None
+
+
+def _try_save(path: pathlib.Path, quantized: dict[str, W4Weight], meta: dict[str, str]) -> bool:
+    """Write the cache atomically; False (nothing left behind) if the directory refuses it."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, q in quantized.items():
+        tensors[f"{name}.qweight"] = q.qweight.cpu().contiguous()
+        tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
+        tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
+    data = save(tensors, metadata=meta)  # bytes, ~0.6 bytes per weight
+    # Unique per writer, and ending in .tmp rather than .safetensors so the checkpoint loader's
+    # shard glob never picks up a half-written file.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        return True
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+
+
+def load_or_quantize(
+    model_dir,
+    named_weights: dict[str, torch.Tensor],
+    group_size: int = 64,
+    method: str = "hqq",
+    cache_dir=None,
+    progress: bool = True,
+    importance=None,
+    importance_tag: str = "",
+    announce=None,
+) -> dict[str, W4Weight]:
+    """The W4 twins of `named_weights`, from the cache if it matches, else quantized and cached.
+
+    announce: optional callable(str) told, once, when the twins are built rather than loaded
+    (the CLI prints it: a first run of the river pauses for this).
+
+    importance: None, or a zero-argument callable returning {name: [K] importance} (see
+    river.quantize.quantize_w4); it is called only when the cache misses, and never for
+    method="rtn".
+    importance_tag names how it was measured and is part of the cache identity (a different
+    measurement rebuilds the cache).
+
+    The cache is `model_dir/river-w4-g{G}-{method}[-act].safetensors`; when model_dir is not
+    writable it goes to `cache_dir`, or to `$RIVER_HOME/quant/<hash of model_dir>` (RIVER_HOME
+    defaults to ~/.cache/river). A cache whose metadata (format/algorithm version, group size,
+    method, fingerprint of the source weights) does not match is ignored and rebuilt.
+    Scales/zeros come back float32 on CPU; the caller casts them to its compute dtype.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    if method == "rtn":
+        importance = None  # rtn has no objective to weight: one cache, no statistics pass
+    if importance is not None and not importance_tag:
+        raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
+    model_dir = pathlib.Path(model_dir)
+    name = cache_file_name(group_size, method, weighted=importance is not None)
+    candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
+    tag = importance_tag if importance is not None else ""
+    meta = _metadata(group_size, method, fingerprint(named_weights), named_weights, tag)
+    shapes = {k: tuple(v.shape) for k, v in named_weights.items()}
+    for path in candidates:
+        cached = _try_load(path, meta, shapes)
+        if cached is not None:
+            return cached
+    if announce is not None:
+        where = candidates[0] if os.access(candidates[0].parent, os.W_OK) else candidates[1]
+        announce(
+            f"building the 4-bit river twins once ({method}, group {group_size}); cache: {where}"
+        )
+        progress = progress and sys.stderr.isatty()  # that line says it; a bar only on a terminal
+    imp = importance() if importance is not None else None
+    quantized = quantize_model(named_weights, group_size, method, progress, imp)
+    quantized = {k: v.to(device="cpu") for k, v in quantized.items()}
+    if not any(_try_save(path, quantized, meta) for path in candidates):
+        warnings.warn(
+            f"could not write the W4 cache to {candidates[0].parent} or {candidates[1].parent}; "
+            "it will be rebuilt next time",
+            stacklevel=2,
+        )
+    return quantized
