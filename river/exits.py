@@ -37,6 +37,8 @@ class ExitConfig:
     draft: lossless only: "river" (the exit above) or "w4" (every layer in its twin) drafts.
     draft_len: lossless only: tokens drafted per verify pass; None adapts it per request
       (grow while every draft is accepted, shrink after a rejection) within [1, max_draft_len].
+    draft_head: lossless only: "w4" (drafts take their logits from a 4-bit twin of the LM head,
+      so a draft reads no bf16 weight past its exit) or "bf16" (the backbone's head).
     """
 
     mode: str = "full"
@@ -48,6 +50,7 @@ class ExitConfig:
     draft: str = "river"
     draft_len: int | None = None
     max_draft_len: int = 8
+    draft_head: str = "w4"
 
     def __post_init__(self):
         # InvalidRequestError is also a ValueError: callers catching either keep working.
@@ -71,6 +74,10 @@ class ExitConfig:
             )
         if self.min_layer < 0:
             raise InvalidRequestError(f"ExitConfig: min_layer must be >= 0, got {self.min_layer}")
+        if self.draft_head not in ("w4", "bf16"):
+            raise InvalidRequestError(
+                f"ExitConfig: draft_head must be 'w4' or 'bf16', got {self.draft_head!r}"
+            )
         if self.draft not in DRAFTS:
             raise InvalidRequestError(
                 f"ExitConfig: draft must be one of {DRAFTS}, got {self.draft!r}"
@@ -123,6 +130,8 @@ class ExitParams:
     # False when no row can leave the backbone mid-way (only full/w4 rows): the per-layer exit
     # decision is then skipped, which only matters on the CPU where every small op costs.
     may_exit: bool = True
+    # Lossless drafts only: the logits come from the model's 4-bit LM head twin.
+    draft_head: bool = False
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:

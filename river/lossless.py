@@ -28,6 +28,7 @@ class LosslessResult:
     tokens: list[int]  # 1..k+1 tokens, the backbone's own
     drafted: int  # k
     accepted: int  # drafts kept
+    draft_layers: int  # bf16 backbone layers its k draft passes ran, in all
 
 
 def _settings(reqs, device):
@@ -56,9 +57,12 @@ def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult
 
     # ---- draft: kmax decode passes through the river (each row active for its own k)
     exits = ExitParams.build([r.params.exit.draft_config() for r in reqs], dev)
+    # the rows' drafts share one head: the 4-bit twin only if every row asks for it
+    exits.draft_head = all(r.params.exit.draft_head == "w4" for r in reqs)
     drafts = torch.zeros(n, kmax, dtype=torch.int64, device=dev)
     qs = None if greedy else torch.empty(n, kmax, model.cfg.vocab_size, device=dev)
     cur = first
+    layers = torch.zeros(n, dtype=torch.int64, device=dev)
     for s in range(kmax):
         live = [k > s for k in ks]
         # rows done drafting keep their first position: they are inactive and write nothing
@@ -75,7 +79,8 @@ def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult
             context_lens=torch.tensor([q + 1 for q in pos], dtype=torch.int32, device=dev),
         )
         active = torch.tensor(live, dtype=torch.bool, device=dev)
-        logits, _ = model.decode(batch, kv, exits, active=active)
+        logits, used = model.decode(batch, kv, exits, active=active)
+        layers += used.long() * active
         if greedy:
             d = logits.argmax(-1)
         else:
@@ -121,4 +126,8 @@ def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult
     # ---- the one read of the step
     accepted = verdict.accepted.tolist()
     tokens = verdict.tokens.tolist()
-    return [LosslessResult(tokens[i][: accepted[i] + 1], ks[i], accepted[i]) for i in range(n)]
+    draft_layers = layers.tolist()
+    return [
+        LosslessResult(tokens[i][: accepted[i] + 1], ks[i], accepted[i], draft_layers[i])
+        for i in range(n)
+    ]

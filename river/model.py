@@ -69,10 +69,28 @@ class LlamaModel:
             for lw in weights["layers"]
         ]
         self.river: list[LayerWeights] | None = None
+        self.draft_head = None  # a 4-bit twin of the LM head, for lossless drafts only
         self.cos, self.sin = rope_tables(cfg, max_positions, self.device)
         self.scale = cfg.head_dim**-0.5
 
     # ------------------------------------------------------------------ river twins
+    def _place_twin(self, w):
+        """A W4Weight as this model's ops take it (see attach_river)."""
+        if self.ops.kind == "cpu" and self.dtype == torch.bfloat16:
+            from river.kernels.cpu import Int4CpuWeight
+
+            try:
+                return Int4CpuWeight.from_w4(w)
+            except ValueError:  # a shape the pack cannot tile: dense bf16 instead
+                pass
+        w = w.to(device=self.device, dtype=self.dtype)
+        return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
+
+    def attach_draft_head(self, quantized) -> None:
+        """The 4-bit LM head lossless drafts use (ExitParams.draft_head): a draft token then
+        reads no bf16 weight past its exit. Never used for an emitted token's logits."""
+        self.draft_head = self._place_twin(quantized)
+
     def attach_river(self, quantized: dict) -> None:
         """quantized: {"layers.N.q": W4Weight, ...} for the seven projections of every layer.
 
@@ -90,17 +108,7 @@ class LlamaModel:
                 group_size=ws[0].group_size,
             )
 
-        def place(w):
-            if self.ops.kind == "cpu" and self.dtype == torch.bfloat16:
-                from river.kernels.cpu import Int4CpuWeight
-
-                try:
-                    return Int4CpuWeight.from_w4(w)
-                except ValueError:  # a shape the pack cannot tile: dense bf16 instead
-                    pass
-            w = w.to(device=self.device, dtype=self.dtype)
-            return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
-
+        place = self._place_twin
         self.river = []
         for n in range(self.cfg.num_layers):
             q = {p: quantized[f"layers.{n}.{p}"] for p in PROJECTIONS}
@@ -238,7 +246,8 @@ class LlamaModel:
                 exited = exited | exit_decision(n, h, h_new, bb, exits)
             h = h_new
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)
-        return ops.linear(x, self.lm_head).float(), used
+        head = self.draft_head if exits.draft_head and self.draft_head is not None else self.lm_head
+        return ops.linear(x, head).float(), used
 
 
 def _two_path(op, x, name, paths, out):

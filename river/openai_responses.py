@@ -37,6 +37,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def river_info(backbone_layers: list[int], num_layers: int, exit: ExitConfig) -> dict:
     """river's extra response field: how deep the generated tokens ran in the backbone."""
     mean = sum(backbone_layers) / len(backbone_layers) if backbone_layers else 0.0
+    drafts = {"draft": exit.draft, "draft_len": exit.draft_len} if exit.mode == "lossless" else {}
     return {
         "mean_backbone_layers": round(mean, 4),
         "num_layers": num_layers,
@@ -45,6 +46,7 @@ def river_info(backbone_layers: list[int], num_layers: int, exit: ExitConfig) ->
             "threshold": exit.threshold,
             "min_layer": exit.min_layer,
             "policy": exit.policy,
+            **drafts,
         },
     }
 

@@ -98,10 +98,12 @@ class RequestOutput:
     num_layers: int
     elapsed_s: float = 0.0  # queued -> finished (excludes model load and the twin build)
     first_token_s: float = 0.0  # queued -> first token (the prefill, and any wait before it)
-    # lossless mode: drafts proposed, drafts the backbone kept, verify passes run
+    # lossless mode: drafts proposed, drafts the backbone kept, verify passes run, and the bf16
+    # backbone layers all the draft passes ran (the rest of their layers ran the 4-bit twins)
     draft_tokens: int = 0
     accepted_tokens: int = 0
     verify_passes: int = 0
+    draft_backbone_layers: int = 0
 
     @property
     def finished(self) -> bool:

@@ -56,6 +56,7 @@ class Request:
     drafted: int = 0
     accepted: int = 0
     verify_passes: int = 0
+    draft_layers: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -27,6 +27,10 @@ EXITS = {
     "full": (None, ExitConfig("full")),
     "w4": ("w4", ExitConfig("w4")),
     "river": (RIVER, ExitConfig("river", 0.5, 1)),
+    "lossless": (
+        {"mode": "lossless", "threshold": 0.5, "min_layer": 1, "draft_len": 3},
+        ExitConfig("lossless", 0.5, 1, draft_len=3),
+    ),
 }
 
 

@@ -234,6 +234,24 @@ def test_threshold_zero_is_not_dropped(tiny_dir, capsys):
     assert layers("1") == pytest.approx(2.0)
 
 
+def test_lossless_flags(tiny_dir, capsys):
+    """--exit lossless gives full's text, with its draft statistics in --json and the footer."""
+    base = ("--max-tokens", "12", "--ignore-eos", "--temperature", "0", "Hello")
+    code, full_out, err = run_main(*tiny_args(tiny_dir, "--json", *base), capsys=capsys)
+    assert code == 0, err
+    ll = ("--exit", "lossless", "--min-layer", "1", "--draft", "w4", "--draft-len", "3")
+    code, out, err = run_main(*tiny_args(tiny_dir, *ll, "--json", *base), capsys=capsys)
+    assert code == 0, err
+    row, full = json.loads(out), json.loads(full_out)
+    assert row["token_ids"] == full["token_ids"]
+    assert row["verify_passes"] >= 1 and row["draft_tokens"] >= row["accepted_tokens"]
+    code, out, err = run_main(*tiny_args(tiny_dir, *ll, *base), capsys=capsys)
+    assert code == 0 and "tokens per verify" in err
+    bad = tiny_args(tiny_dir, "--exit", "lossless", "--draft-len", "0", "hi")
+    code, _, err = run_main(*bad, capsys=capsys)
+    assert code == 2 and "--draft-len" in err
+
+
 def test_first_river_use_says_once_where_the_twins_go(tiny_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("river-*"))

@@ -103,6 +103,27 @@ def test_decode_attention_matches_reference(dtype, mask, lens, holes):
     close(got, want, dtype, f"attention {mask} {lens} holes={holes}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "new, lens",
+    [([3, 1, 5], [9, 1, 30]), ([5, 5], [5, 12]), ([2], [7]), ([20, 2], [20, 33])],
+)  # extends over a prefix, whole prompts, one sequence, and past the batched limit
+def test_prefill_attention_matches_reference(dtype, new, lens):
+    s, hq, hkv, d, bs, width = len(lens), 6, 2, 16, 4, 9
+    kc, vc = _cache(dtype, blocks=40, bs=bs, hkv=hkv, d=d)
+    perm = torch.randperm(40)
+    tables = torch.full((s, width), -1, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[i, :nb] = perm[i * width : i * width + nb].int()
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(new), hq, d, dtype=dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = cpu.prefill_attention(q, kc, vc, cu, tables, ctx, 0.25, max_seqlen=max(new))
+    want = reference.prefill_attention(q, kc, vc, cu, tables, ctx, 0.25)
+    close(got, want, dtype, f"prefill {new} {lens}")
+
+
 @pytest.mark.parametrize("n, k, g", [(96, 128, 64), (48, 192, 32)])
 def test_int4_pack_equals_dequantized_twin(n, k, g):
     torch.manual_seed(1)

@@ -126,6 +126,25 @@ def test_greedy_mixed_batch_matches_hf(engine, hf_greedy):
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+def test_lossless_equals_full_greedy(engine, hf_greedy):
+    """Lossless mode (the river drafts, the backbone verifies) emits the backbone's greedy tokens:
+    at batch 1, and with every prompt joining a running batch one step after the other."""
+    exit = ExitConfig("lossless")  # the river exit drafts, adaptive draft length
+    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, exit=exit)
+    for p, ref in zip(PROMPTS[:2], hf_greedy):
+        out = engine.generate(p, sp)[0]
+        assert out.token_ids == ref, p
+        assert out.verify_passes < 63  # some drafts were kept
+    reqs = []
+    for p in PROMPTS:
+        reqs.append(engine.add_request(p, sp))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in reqs] == hf_greedy
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
 def test_chat(engine):
     out = engine.chat(
         [{"role": "user", "content": "What is 2+2?"}], SamplingParams(max_tokens=32, temperature=0)

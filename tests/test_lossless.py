@@ -126,6 +126,7 @@ def test_exit_config_checks():
         dict(draft_len=True),
         dict(max_draft_len=0),
         dict(draft_len=65),
+        dict(draft_head="int8"),
     ):
         with pytest.raises(InvalidRequestError):
             ExitConfig("lossless", **bad)
@@ -159,10 +160,14 @@ def tiny(tmp_path_factory, default_model_dir):
 PROMPTS = ["def fib(n):", "Hello", "The quick brown fox", "x = [1, 2, 3]\nfor", "¿Qué?"]
 
 
-@pytest.mark.parametrize("draft,k", [("river", None), ("w4", 2), ("river", 4)])
-def test_greedy_equals_full(tiny, draft, k):
+@pytest.mark.parametrize(
+    "draft,k,head", [("river", None, "w4"), ("w4", 2, "w4"), ("river", 4, "bf16")]
+)
+def test_greedy_equals_full(tiny, draft, k, head):
     full = tiny.generate(PROMPTS, SamplingParams(max_tokens=24, **GREEDY))
-    exit = ExitConfig("lossless", draft=draft, draft_len=k, min_layer=1, threshold=0.5)
+    exit = ExitConfig(
+        "lossless", draft=draft, draft_len=k, min_layer=1, threshold=0.5, draft_head=head
+    )
     outs = tiny.generate(PROMPTS, SamplingParams(max_tokens=24, exit=exit, **GREEDY))
     assert [o.token_ids for o in outs] == [o.token_ids for o in full]
     assert [o.text for o in outs] == [o.text for o in full]
