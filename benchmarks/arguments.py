@@ -39,6 +39,15 @@ def add_only(p, what: str) -> None:
     p.add_argument("--only", default="", help=f"comma list of {what} to keep (substring match)")
 
 
+def add_compute(p) -> None:
+    """--dtype and --ops of the engine (None leaves the device's defaults)."""
+    for flag, choices, text in (
+        ("--dtype", ("float32", "bfloat16"), "compute dtype (default: the engine's)"),
+        ("--ops", ("reference", "cpu", "triton"), "op set; reference + float32 is the oracle"),
+    ):
+        p.add_argument(flag, choices=choices, default=None, help=text)
+
+
 def add_group_size(p, what: str) -> None:
     p.add_argument("--group-size", type=int, default=64, help=f"W4 group size of {what}")
 

@@ -33,18 +33,7 @@ def parse_args(argv=None):
     arguments.add_model(p, default="SmolLM2-135M-Instruct")
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     arguments.add_device(p)
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="compute dtype (default: the engine's: bf16 on CUDA and on CPUs with native bf16)",
-    )
-    p.add_argument(
-        "--ops",
-        choices=("reference", "cpu", "triton"),
-        default=None,
-        help="op set (default: the device's; reference + float32 is the exact oracle path)",
-    )
+    arguments.add_compute(p)
     arguments.add_group_size(p, "the river twins")
     p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
     p.add_argument(

@@ -152,14 +152,12 @@ def run_engine(args, out: pathlib.Path) -> int:
     got = dut.generate(prompts, sp)
     label = "cpu fast ops fp32" if args.dry else f"cuda {dut.dtype}".replace("torch.", "")
     print(f"{label}: {time.perf_counter() - t:.1f} s")
-    rows, ok = compare_greedy(
-        ref,
-        prompts,
-        [w.prompt_token_ids for w in want],
-        [w.token_ids for w in want],
-        [g.token_ids for g in got],
-        args.tie_nats,
-    )
+
+    def against_reference(outs):
+        ids, tokens = [w.prompt_token_ids for w in want], [w.token_ids for w in want]
+        return compare_greedy(ref, prompts, ids, tokens, [o.token_ids for o in outs], args.tie_nats)
+
+    rows, ok = against_reference(got)
     for r in rows:
         mark = "equal"
         if "first_difference" in r:
@@ -174,14 +172,7 @@ def run_engine(args, out: pathlib.Path) -> int:
     t = time.perf_counter()
     got_ll = dut.generate(prompts, ll_sp)
     print(f"{label} lossless: {time.perf_counter() - t:.1f} s")
-    ll_rows, ll_ok = compare_greedy(
-        ref,
-        prompts,
-        [w.prompt_token_ids for w in want],
-        [w.token_ids for w in want],
-        [g.token_ids for g in got_ll],
-        args.tie_nats,
-    )
+    ll_rows, ll_ok = against_reference(got_ll)
     per_verify = sum(g.tokens_per_verify for g in got_ll) / len(got_ll)
     figure += f"; lossless: {greedy_figure(ll_rows, ll_ok, n_tokens)}, {per_verify:.2f} tok/verify"
     ok &= ll_ok
