@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         choices=("river", "w4"),
         default=None,
-        help="--exit lossless: what drafts, the river exit (default) or every layer's 4-bit twin",
+        help="--exit lossless: what drafts, every layer's 4-bit twin (default) or the river exit",
     )
     g.add_argument(
         "--draft-len",

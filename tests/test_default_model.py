@@ -129,7 +129,7 @@ def test_greedy_mixed_batch_matches_hf(engine, hf_greedy):
 def test_lossless_equals_full_greedy(engine, hf_greedy):
     """Lossless mode (the river drafts, the backbone verifies) emits the backbone's greedy tokens:
     at batch 1, and with every prompt joining a running batch one step after the other."""
-    exit = ExitConfig("lossless")  # the river exit drafts, adaptive draft length
+    exit = ExitConfig("lossless", draft="river")  # the river exit drafts, adaptive length
     sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, exit=exit)
     for p, ref in zip(PROMPTS[:2], hf_greedy):
         out = engine.generate(p, sp)[0]

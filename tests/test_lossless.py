@@ -118,8 +118,8 @@ def test_draft_length_rule():
 
 
 def test_exit_config_checks():
-    assert ExitConfig("lossless").draft_config() == ExitConfig("river")
-    assert ExitConfig("lossless", draft="w4").draft_config().mode == "w4"
+    assert ExitConfig("lossless", draft="river").draft_config() == ExitConfig("river")
+    assert ExitConfig("lossless").draft_config().mode == "w4"  # the measured better default
     for bad in (
         dict(draft="full"),
         dict(draft_len=-1),
