@@ -18,6 +18,7 @@ import torch
 from river.exits import ExitParams
 from river.kv_cache import pad_block_tables, slots_for
 from river.model import ForwardBatch
+from river.runner import sampling_tensors
 from river.speculative import accept, accept_greedy, draft_token, warped_probs
 
 
@@ -31,14 +32,6 @@ class LosslessResult:
     draft_layers: int  # bf16 backbone layers its k draft passes ran, in all
 
 
-def _settings(reqs, device):
-    return (
-        torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=device),
-        torch.tensor([r.params.top_k for r in reqs], dtype=torch.int32, device=device),
-        torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=device),
-    )
-
-
 def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult]:
     """One lossless step of `reqs`, each with its last generated token not yet in the cache
     (`output_ids[-1]` at position len(prompt) + len(output) - 1). draft_lens[i]: k of row i,
@@ -49,9 +42,10 @@ def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult
     kmax = max(ks, default=0)
     pos0 = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]
     tables = pad_block_tables([r.blocks for r in reqs]).to(dev)
-    temperature, top_k, top_p = _settings(reqs, dev)
-    seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev)
-    offsets = torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev)
+    # the noise counter of a row's first draft is its number of generated tokens
+    samp = sampling_tensors(reqs, [len(r.output_ids) for r in reqs], dev)
+    temperature, top_k, top_p = samp["temperature"], samp["top_k"], samp["top_p"]
+    seeds, offsets = samp["seed"], samp["offset"]
     greedy = all(r.params.temperature == 0 for r in reqs)
     first = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=dev)
 

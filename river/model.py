@@ -212,7 +212,9 @@ class LlamaModel:
             # K/V of this layer: backbone rows and CALM-propagated rows use the bf16 weights,
             # river rows the 4-bit twin, into the same slot; KV-masked rows write nothing.
             x, _ = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps)
-            kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
+            kv_bf16 = bb  # (built only when the backbone runs: on the CPU every small op costs)
+            if exits.uses_backbone:
+                kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
             for weights, rows, on in ((w, kv_bf16, exits.uses_backbone), (rw, rv, use_river)):
                 if on:
                     ops.qkv_rope_store(
