@@ -53,3 +53,41 @@ def bytes_per_step(cfg, mode, batch, probs, context, group_size):
             weights += any_bb * bf16
             kv += batch * (1 - p_out) * kv_row
     return weights, kv
+
+
+def token_bytes_ratio(target, bits, layer_counts, group_size=64, head_bits=16):
+    """Weight bytes per decode token over full's, at batch 1, on the shapes of `target` (a
+    ModelConfig: the model itself, or Llama-3.1-8B's), for tokens that ran `layer_counts`
+    bf16 layers each (a prefix of the stack) and the rest in twins planned by `bits`
+    ({(layer, unit): 4 | 8} over the measured model's L layers; None: no twins, i.e. full).
+
+    A measured model of L layers is mapped onto the target's L' layers proportionally: its
+    layer n stands for L'/L of a target layer, with its units' bits. The LM head is read in
+    bf16 by a token that never left the backbone, at `head_bits` by the others (the river
+    head, river.precision); the embedding row, negligible, is left out."""
+    from river.precision import UNITS, unit_shapes, weight_bytes
+
+    shapes = unit_shapes(target)
+    bf16_layer = sum(weight_bytes(*shapes[u], 16) for u in UNITS) + 2 * 2 * target.hidden_size
+    head = weight_bytes(target.vocab_size, target.hidden_size, 16)
+    river_head = weight_bytes(target.vocab_size, target.hidden_size, head_bits)
+    full = head + target.num_layers * bf16_layer
+    if bits is None:
+        return 1.0
+    src_layers = 1 + max(n for n, _ in bits)
+    per = target.num_layers / src_layers
+    twin_layer = [
+        sum(weight_bytes(*shapes[u], bits[(n, u)], group_size) for u in UNITS)
+        + 2 * 2 * target.hidden_size
+        for n in range(src_layers)
+    ]
+    # suffix[b]: bytes of the twins of layers b.. (a token with b bf16 layers reads these)
+    suffix = [0.0] * (src_layers + 1)
+    for n in range(src_layers - 1, -1, -1):
+        suffix[n] = suffix[n + 1] + twin_layer[n]
+    counts = list(layer_counts)
+    total = 0.0
+    for b in counts:
+        b = min(max(int(b), 0), src_layers)
+        total += (head if b >= src_layers else river_head) + per * (b * bf16_layer + suffix[b])
+    return total / (len(counts) * full)

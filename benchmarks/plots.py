@@ -62,59 +62,85 @@ def decode_speed(rows, path):
     _save(fig, path, 110)
 
 
-def quality_pareto(rows, num_layers, path):
-    """Two panels against the backbone-layer fraction: perplexity (log), where the prior-art
-    baselines sit orders of magnitude above, and top-1 agreement with full, where river, w4 and
-    full are close enough that the choice of default can be read off."""
+def quality_pareto(rows, num_layers, path, oracle=None):
+    """The bytes/quality front: perplexity over full's and top-1 agreement with full (rows)
+    against weight bytes per decode token over full's (columns: the model's own shapes and
+    Llama-3.1-8B's). Per twin precision: the static splits (line), the river rule (points,
+    labelled by threshold), the per-token oracle over static splits (dashed); w4 and full as
+    markers; CALM propagate and D-LLM mask, far off the agreement scale, named in the title."""
     plt = _pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"river": "o-", "propagate": "s--", "mask": "^:"}
-    for ax, key in zip(axes, ("ppl", "top1_agree")):
-        for mode, style in styles.items():
-            pts = sorted(
-                (r["backbone_layers"] / num_layers, r[key], r["min_layer"], r["threshold"])
-                for r in rows
-                if r["mode"] == mode and key in r
-            )
-            for ml in sorted({p[2] for p in pts}):
-                sel = [p for p in pts if p[2] == ml]
-                ax.plot(
-                    [p[0] for p in sel],
-                    [p[1] for p in sel],
-                    style,
-                    label=f"{mode} (min_layer {ml})",
-                    alpha=0.85,
+    full = next((r for r in rows if r["mode"] == "full"), None)
+    base_ppl = full["ppl"] if full else 1.0
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    precisions = list(dict.fromkeys(r.get("precision") for r in rows if r.get("precision")))
+    colors = {p: f"C{i}" for i, p in enumerate(precisions)}
+
+    def y_of(r, key):
+        return 100 * (r["ppl"] / base_ppl - 1) if key == "ppl" else r["top1_agree"]
+
+    for row_i, key in enumerate(("ppl", "top1_agree")):
+        for col, bx in enumerate(("bytes_model", "bytes_8b")):
+            ax = axes[row_i, col]
+            for prec in precisions:
+                c = colors[prec]
+                mine = [r for r in rows if r.get("precision") == prec and bx in r]
+                static = sorted(
+                    [r for r in mine if r["mode"] in ("static", "w4")], key=lambda r: r[bx]
                 )
-                if mode == "river":
-                    for i, (x, y, _, thr) in enumerate(sel):
-                        dy = -12 if i % 2 == 0 else 6  # alternate: neighbours sit close
+                if static:
+                    ax.plot(
+                        [r[bx] for r in static], [y_of(r, key) for r in static], "s-", color=c,
+                        alpha=0.6, label=f"{prec}: static split (w4 = 0 layers)",
+                    )  # fmt: skip
+                river = sorted([r for r in mine if r["mode"] == "river"], key=lambda r: r[bx])
+                if river:
+                    ax.plot(
+                        [r[bx] for r in river], [y_of(r, key) for r in river], "o", color=c,
+                        ms=7, label=f"{prec}: river (cosine rule)",
+                    )  # fmt: skip
+                    for r in river:
                         ax.annotate(
-                            f"{thr}", (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7
-                        )
-        for mode, marker in (("full", "*"), ("w4", "X")):
-            for r in rows:
-                if r["mode"] == mode and key in r:
-                    ax.plot(r["backbone_layers"] / num_layers, r[key], marker, ms=12, label=mode)
-        ax.set_xlabel("backbone-layer fraction (decode tokens)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity (HumanEval canonical solutions)")
-    axes[0].set_yscale("log")
-    axes[0].set_title("perplexity (log scale), every mode")
-    # Zoom the agreement panel on river / w4 / full; the baselines are named in the title.
-    near = [r["top1_agree"] for r in rows if r["mode"] in ("river", "w4") and "top1_agree" in r]
-    if near:
-        axes[1].set_ylim(min(near) - 0.02, 1.005)
+                            f"{r['threshold']}/{r['min_layer']}", (r[bx], y_of(r, key)),
+                            textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        )  # fmt: skip
+                curve = (oracle or {}).get(prec, {}).get("oracle", [])
+                if curve and full:
+                    ys = [
+                        100 * (p["ppl"] / oracle[prec]["full_ppl"] - 1) if key == "ppl"
+                        else p["top1_agree"]
+                        for p in curve
+                    ]  # fmt: skip
+                    ax.plot(
+                        [p[bx] for p in curve], ys, "--", color=c, alpha=0.8,
+                        label=f"{prec}: oracle over static splits",
+                    )  # fmt: skip
+            xs = [r[bx] for r in rows if r.get("precision") and bx in r]
+            xs += [p[bx] for v in (oracle or {}).values() for p in v.get("oracle", [])]
+            if xs:  # full sits at (1, 0) / (1, 1): zoom on the twins, full named in the title
+                ax.set_xlim(min(xs) - 0.01, max(xs) + 0.02)
+            if bx == "bytes_8b":
+                ax.axvline(0.45, color="grey", ls=":", lw=1, label="0.45x of full (budget)")
+            ax.grid(alpha=0.3)
+            ax.set_xlabel(
+                "weight bytes / decode token vs full, "
+                + ("this model's shapes" if bx == "bytes_model" else "Llama-3.1-8B shapes")
+            )
+        axes[row_i, 0].set_ylabel(
+            "perplexity vs full (%)" if key == "ppl" else "top-1 agreement with full"
+        )
     far = [
         f"{r['mode']} {r['top1_agree']:.3f}"
         for r in rows
         if r["mode"] in ("propagate", "mask") and "top1_agree" in r
     ]
-    title = "top-1 agreement with full (river labelled by threshold)"
-    axes[1].set_title(title + (f"\noff scale: {', '.join(far)}" if far else ""), fontsize=10)
-    axes[1].set_ylabel("top-1 agreement with full")
-    axes[0].legend(fontsize=8, loc="center right")
-    _save(fig, path, 120)
+    fig.suptitle(
+        "bytes/quality front of the twins' precision and the exit rule; full is at 1.0 bytes, "
+        "0% perplexity, agreement 1" + (f" (off scale: {', '.join(far)})" if far else ""),
+        fontsize=10,
+    )
+    axes[0, 1].legend(fontsize=7)
+    _save(fig, path, 110)
 
 
 def cpu_speed(rows, path) -> None:

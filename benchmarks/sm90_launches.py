@@ -36,6 +36,7 @@ def _model_launches(name, s: Shape, batches):
     import torch
 
     from river.quantize import W4Weight
+    from river.w8 import W8Weight
 
     empty = cuda_like_empty()
     bf16, i32, i64 = torch.bfloat16, torch.int32, torch.int64
@@ -53,6 +54,10 @@ def _model_launches(name, s: Shape, batches):
     weights = {
         "bf16": {p: empty(n, k, dtype=bf16) for p, (n, k) in shapes.items()},
         "w4": {p: w4(n, k) for p, (n, k) in shapes.items()},
+        "w8": {
+            p: W8Weight(empty(n, k, dtype=torch.int8), empty(n, dtype=bf16))
+            for p, (n, k) in shapes.items()
+        },
     }
     lm_head = empty(s.vocab_size, h, dtype=bf16)
     norm_w = empty(h, dtype=bf16)

@@ -11,7 +11,8 @@ weight sets over every row and select with masks. Here:
 - bf16 weights on CPUs with native bf16 (AVX512-BF16/AMX) halve the bytes of fp32. torch's
   bf16 GEMM at M = 1 is slower than its GEMV, so single rows go through torch.mv.
 - River twins are `Int4CpuWeight`: torch's packed int4 layout for
-  `aten._weight_int4pack_mm_for_cpu` (0.28x of bf16's bytes at group 64).
+  `aten._weight_int4pack_mm_for_cpu` (0.28x of bf16's bytes at group 64), or `Int8CpuWeight`
+  for 8-bit twins (`aten._weight_int8pack_mm`, 0.5x).
 
 Results match the reference ops to the dtype's rounding (the reference stays the exact fp32
 oracle); this path is not meant for the no-host-sync guard, which checks the device path.
@@ -26,7 +27,12 @@ from river.kernels import reference
 
 from river.ops import HELPER_NAMES, OP_NAMES
 
-__all__ = ["Int4CpuWeight", *OP_NAMES, *HELPER_NAMES]  # the op set interface (river.ops)
+__all__ = [
+    "Int4CpuWeight",
+    "Int8CpuWeight",
+    *OP_NAMES,
+    *HELPER_NAMES,
+]  # the op set interface (river.ops)
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,10 @@ class Int4CpuWeight:
     def shape(self) -> tuple[int, int]:
         return self.n, self.k
 
+    bits = 4
+
     @classmethod
-    def from_w4(cls, w) -> Int4CpuWeight:
+    def from_quantized(cls, w) -> Int4CpuWeight:
         """From river's W4Weight (w = (q - z) * s, z in quantized units). The scale is kept as
         is; the zero becomes the value of code 8, (8 - z) * s, rounded once to bf16: exact
         whenever that product is a bf16 number (z an integer and s a power-of-two multiple),
@@ -68,6 +76,36 @@ class Int4CpuWeight:
         return _matmul(eye, self).t().contiguous().to(dtype)
 
 
+# Rows at which the int8 matmul stops paying: torch's int8 kernel is a GEMV-style loop, ~18 us
+# a row on a [1536, 576] weight (39 us at M = 1, 139 at M = 8, 5.5 ms at M = 300, against
+# 0.7 ms for the bf16 GEMM at M = 300 plus ~0.4 ms to dequantize), so prefill-sized batches
+# dequantize to bf16 and use the GEMM; decode batches stay on the int8 bytes.
+_INT8_MAX_ROWS = 32
+
+
+@dataclass(frozen=True)
+class Int8CpuWeight:
+    """W [N, K] for torch's CPU int8 weight-only matmul: w = q * scale per output row."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # bf16 [N]
+
+    bits = 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @classmethod
+    def from_quantized(cls, w) -> Int8CpuWeight:
+        """From river's W8Weight (the same layout; its scales are bf16-representable, so the
+        cast is exact)."""
+        return cls(q=w.qweight.cpu().contiguous(), scales=w.scales.cpu().to(torch.bfloat16))
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scales.float().unsqueeze(1)).to(dtype)
+
+
 def rms_norm(x, weight, eps, residual=None):
     """reference.rms_norm in three ops (float32 statistics as in HF's LlamaRMSNorm)."""
     if residual is not None:
@@ -84,7 +122,13 @@ def _rope(x, cos, sin):
 
 
 def _matmul(x, w):
-    """x [M, K] @ W.T for a dense weight [N, K] or an Int4CpuWeight."""
+    """x [M, K] @ W.T for a dense weight [N, K], an Int4CpuWeight or an Int8CpuWeight."""
+    if isinstance(w, Int8CpuWeight):
+        if x.dtype != torch.bfloat16:
+            raise TypeError("Int8CpuWeight runs with bf16 activations")
+        if x.shape[0] <= _INT8_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scales)
+        w = w.dequantize(torch.bfloat16)
     if isinstance(w, Int4CpuWeight):
         if x.dtype != torch.bfloat16:
             raise TypeError("Int4CpuWeight runs with bf16 activations")

@@ -50,13 +50,31 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def weight_bits(weight) -> int:
+    """16 for a dense tensor, else the twin's bits (river.quantize.W4Weight: 4,
+    river.w8.W8Weight: 8)."""
+    return 16 if isinstance(weight, torch.Tensor) else int(getattr(weight, "bits", 4))
+
+
 def is_w4(weight) -> bool:
-    return not isinstance(weight, torch.Tensor) and hasattr(weight, "qweight")
+    return weight_bits(weight) == 4
 
 
 def weight_operands(weight, x: torch.Tensor):
-    """(w, scales, zeros, N, K, group, use_w4) with W4 qweight viewed as int32 [N, K // 8]."""
-    if is_w4(weight):
+    """(w, scales, zeros, N, K, group, bits): W4 qweight viewed as int32 [N, K // 8] with
+    scales/zeros [N, K // G]; W8 qweight int8 [N, K] with its row scales [N] (also passed as
+    the unused zeros); dense: the weight itself in all three places."""
+    bits = weight_bits(weight)
+    if bits == 8:
+        q, s = weight.qweight, weight.scales
+        if q.dtype != torch.int8 or q.dim() != 2 or q.stride(1) != 1:
+            raise ValueError("W8 qweight must be int8 [N, K] with unit stride along K")
+        n, k = q.shape
+        if tuple(s.shape) != (n,):
+            raise ValueError(f"W8 scales must be [N] = [{n}], got {tuple(s.shape)}")
+        check_device(x, "activations", qweight=q, scales=s)
+        return q, s, s, n, k, 64, 8
+    if bits == 4:
         q = weight.qweight
         n, half_k = q.shape
         k, g = 2 * half_k, int(weight.group_size)
@@ -74,14 +92,14 @@ def weight_operands(weight, x: torch.Tensor):
             if tuple(t.shape) != (n, k // g) or t.stride(1) != 1:
                 raise ValueError(f"W4 {name} must be [N, K // G] with unit column stride")
         check_device(x, "activations", qweight=q, scales=s, zeros=z)
-        return words, s, z, n, k, g, True
+        return words, s, z, n, k, g, 4
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [N, K] or a W4Weight")
+        raise ValueError("weight must be a 2-D tensor [N, K], a W4Weight or a W8Weight")
     if weight.stride(1) != 1:
         raise ValueError("dense weight must have unit stride along K")
     check_device(x, "activations", weight=weight)
     n, k = weight.shape
-    return weight, weight, weight, n, k, 64, False
+    return weight, weight, weight, n, k, 64, 16
 
 
 def check_device(ref: torch.Tensor, ref_name: str, **tensors) -> None:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_rows, dot_precision, is_w4, num_sms, weight_operands
+from .launch import check_rows, dot_precision, num_sms, weight_bits, weight_operands
 from .matmul_settings import LaunchSettings, linear_settings
 from .splitk import arrive, split_launch, store_partial, sum_partials
 from .tiles import W4_MAGIC, matmul_tile, rows_active
@@ -96,6 +96,7 @@ def _linear_kernel(
     stride_z_n,
     stride_out_m,
     USE_W4: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # W8: int8 [N, K] weight, s_ptr its row scales [N]
     GROUP: tl.constexpr,
     GATE_UP: tl.constexpr,
     HAS_ROW_MASK: tl.constexpr,
@@ -123,14 +124,14 @@ def _linear_kernel(
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = matmul_tile(
         x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, offs_n, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M, BLOCK_N,
-        BLOCK_K, EVEN_K, DOT_PRECISION,
+        stride_z_n, offs_n, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP, BLOCK_M,
+        BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     if GATE_UP:
         acc_up = matmul_tile(
             x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-            stride_z_n, offs_n + N_OUT, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M,
-            BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+            stride_z_n, offs_n + N_OUT, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE,
+            GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
         )  # fmt: skip
     else:
         acc_up = acc
@@ -160,7 +161,8 @@ def _linear_kernel(
 
 def _launch_linear(x, weight, row_mask, out, gate_up: bool, settings: LaunchSettings | None):
     x, row_mask = check_rows(x, row_mask)
-    w, s, z, n_w, k, group, use_w4 = weight_operands(weight, x)
+    w, s, z, n_w, k, group, bits = weight_operands(weight, x)
+    use_w4 = bits == 4
     m = x.shape[0]
     if k != x.shape[1]:
         raise ValueError(f"x has K={x.shape[1]}, weight has K={k}")
@@ -187,7 +189,8 @@ def _launch_linear(x, weight, row_mask, out, gate_up: bool, settings: LaunchSett
         x, w, s, z, out, mask, ws, cnt,
         m, n_out, k, k_per_split, W4_MAGIC,
         x.stride(0), w.stride(0), s.stride(0), z.stride(0), out.stride(0),
-        USE_W4=use_w4, GROUP=group, GATE_UP=gate_up, HAS_ROW_MASK=row_mask is not None,
+        USE_W4=use_w4, ROW_SCALE=bits == 8, GROUP=group, GATE_UP=gate_up,
+        HAS_ROW_MASK=row_mask is not None,
         SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -199,12 +202,13 @@ def _use_cublas(x, weight, row_mask) -> bool:
     """Prefill-sized dense products without a mask go to cuBLAS: the kernel is built for the
     weight-streaming decode regime (M <= 64), cuBLAS wins on compute-bound shapes. The masked
     case always uses the kernel (the mask skip must not read device values on the host)."""
-    return row_mask is None and not is_w4(weight) and x.dim() == 2 and x.shape[0] > 64
+    return row_mask is None and weight_bits(weight) == 16 and x.dim() == 2 and x.shape[0] > 64
 
 
 def linear(x, weight, row_mask=None, out=None, settings: LaunchSettings | None = None):
     """out[m] = x[m] @ W.T for the rows in row_mask (others keep out's content; zeros when out
-    is None). x [M, K]; W [N, K] tensor or W4Weight. Same semantics as reference.linear.
+    is None). x [M, K]; W [N, K] tensor, W4Weight or W8Weight. Same semantics as
+    reference.linear.
     settings: force the launch settings (tests, the benchmark sweep); None = linear_settings."""
     if settings is None and _use_cublas(x, weight, row_mask):
         if out is None:

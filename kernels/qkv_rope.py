@@ -135,6 +135,7 @@ def _qkv_rope_kernel(
     stride_q_m,
     stride_q_h,
     USE_W4: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # W8: int8 [N, K] weight, s_ptr its row scales [N]
     GROUP: tl.constexpr,
     HAS_ROW_MASK: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -162,12 +163,14 @@ def _qkv_rope_kernel(
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     acc_a = matmul_tile(
         x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, rows_a, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M, BLOCK_N,
+        stride_z_n, rows_a, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP, BLOCK_M,
+        BLOCK_N,
         BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     acc_b = matmul_tile(
         x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, rows_a + HALF, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, GROUP, BLOCK_M,
+        stride_z_n, rows_a + HALF, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP,
+        BLOCK_M,
         BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     if SPLIT_K > 1:
@@ -223,7 +226,8 @@ def qkv_rope_store(
     Returns Q [M, Hq, D] (rows outside row_mask keep q_out's content, zeros when q_out is None).
     Same semantics as reference.qkv_rope_store; a negative slot (padding) writes nothing."""
     x, row_mask = check_rows(x, row_mask)
-    w, s, z, n, k, group, use_w4 = weight_operands(weight, x)
+    w, s, z, n, k, group, bits = weight_operands(weight, x)
+    use_w4 = bits == 4
     m = x.shape[0]
     if k_cache.dim() != 4 or k_cache.shape[2] != num_kv_heads or k_cache.stride(3) != 1:
         raise ValueError(
@@ -272,7 +276,8 @@ def qkv_rope_store(
         m, k, k_per_split, W4_MAGIC, num_heads, num_kv_heads, half, k_cache.shape[1],
         x.stride(0), w.stride(0), s.stride(0), z.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0), q_out.stride(1),
-        USE_W4=use_w4, GROUP=group, HAS_ROW_MASK=row_mask is not None, SPLIT_K=split,
+        USE_W4=use_w4, ROW_SCALE=bits == 8, GROUP=group, HAS_ROW_MASK=row_mask is not None,
+        SPLIT_K=split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=3,
     )  # fmt: skip

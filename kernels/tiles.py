@@ -330,6 +330,7 @@ def matmul_tile(
     K,
     magic,  # int32 0x4B000000, a run-time value on purpose (see w4_nibble)
     USE_W4: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -340,7 +341,9 @@ def matmul_tile(
     """[BLOCK_M, BLOCK_N] float32 partial product x[rows_m, k_start:k_stop] @ W[rows, same].T.
 
     The one inner loop of every projection (linear, gate_up_silu, qkv_rope_store): the
-    format (USE_W4) and the path (BLOCK_M == 1: CUDA-core GEMV; else tl.dot) are constexpr."""
+    format (USE_W4; ROW_SCALE: W8, an int8 weight read by the dense tiles, its per-row scale
+    applied once to the sum, which is linear in W, so split-K partials may be scaled too) and
+    the path (BLOCK_M == 1: CUDA-core GEMV; else tl.dot) are constexpr."""
     x_row = x_ptr + row0.to(tl.int64) * stride_x_m  # the GEMV paths' single row
     if USE_W4 and BLOCK_M == 1:
         acc = _w4_gemv_tile(
@@ -362,4 +365,7 @@ def matmul_tile(
             x_ptr, stride_x_m, offs_m, m_ok, w_ptr, stride_w_n, rows, rows_ok, k_start, k_stop,
             K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
         )  # fmt: skip
+    if ROW_SCALE:
+        scale = tl.load(s_ptr + rows.to(tl.int64) * stride_s_n, mask=rows_ok, other=0.0)
+        acc = acc * scale.to(tl.float32)[None, :]
     return acc

@@ -27,6 +27,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def precision_spec(text: str) -> str:
+    """argparse type of --river-precision: the spec, normalised, or a usage error."""
+    from river.errors import ConfigError
+    from river.precision import TwinPrecision
+
+    try:
+        return TwinPrecision.parse(text).spec
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _bounded(kind, lo=None, hi=None, lo_open=False, what=""):
     """An argparse type: `kind` within [lo, hi] (lo excluded when lo_open)."""
 
@@ -124,7 +135,11 @@ def _generate(args, parser) -> int:
         ignore_eos=args.ignore_eos,
         exit=exit_cfg,
     )
-    engine_kw = {"device": args.device, "num_threads": args.threads}
+    engine_kw = {
+        "device": args.device,
+        "num_threads": args.threads,
+        "river_precision": args.river_precision,
+    }
     if args.dtype:
         import torch
 
@@ -269,13 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=_bounded(float, -1.0, 1.0, what="a cosine in [-1, 1]"),
         default=None,
-        help="exit cosine threshold (default 0.96)",
+        help="exit cosine threshold (default -1: every token exits at --min-layer, a static "
+        "split; the paper's rule: 0.96 with --min-layer 4)",
     )
     g.add_argument(
         "--min-layer",
         type=_bounded(int, 0, what="an integer >= 0"),
         default=None,
-        help="backbone layers before an exit (default 4)",
+        help="backbone layers before an exit (default 1)",
     )
     g.add_argument(
         "--policy",
@@ -296,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--exit lossless: tokens drafted per verify pass (default: adaptive, up to 8)",
     )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument(
+        "--river-precision",
+        type=precision_spec,
+        default=None,
+        help="river twins: w4 (4-bit), w8 (8-bit) or mix:B (8-bit where it buys the most "
+        "quality, twins at B x bf16's bytes) (default: the engine's, see README)",
+    )
     g.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),

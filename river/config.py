@@ -167,6 +167,11 @@ class EngineConfig:
     # "random-tokens": weight the quantizer's error by each channel's mean squared activation,
     # measured on random token ids (river.calibrate; no data); "none": plain weight MSE.
     river_calibration: str = "random-tokens"
+    # Twin precision (river.precision): "w4", "w8" or "mix:B" (8-bit where it buys the most
+    # quality per byte, the twins reading B x bf16's bytes).
+    # Default "mix:0.43": with the default river (one bf16 layer, then twins) a decode token
+    # reads 0.445x of full's weight bytes at Llama-3.1-8B shapes (README "Twin precision").
+    river_precision: str = "mix:0.43"
     # CPU only: torch intra-op threads. None: $RIVER_NUM_THREADS, else $OMP_NUM_THREADS, else
     # the cores idle at start-up (river.cpu explains why never more).
     num_threads: int | None = None
@@ -186,6 +191,9 @@ class EngineConfig:
                 f"river_calibration must be 'random-tokens' or 'none', got "
                 f"{self.river_calibration!r}"
             )
+        from river.precision import TwinPrecision
+
+        TwinPrecision.parse(self.river_precision)  # a clear ConfigError now, not at first use
         if self.num_threads is not None and (
             not isinstance(self.num_threads, int) or self.num_threads <= 0
         ):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import sys
 import time
 from collections.abc import Iterator
 
 import torch
 
 from river.checkpoint import load_config, load_weights, resolve_model_dir
-from river.config import PROJECTIONS, EngineConfig
+from river.config import EngineConfig
 from river.cpu import configure_threads, default_cpu_dtype
 from river.errors import ConfigError, InvalidRequestError
 from river.exits import FULL, ExitConfig
@@ -88,50 +87,42 @@ class Engine:
         # Tokens the last step() returned from a decode step (the rest came from a prefill);
         # with tokens read one step behind, a request can get one of each in one call.
         self.last_step_decode_rows = 0
+        # {(layer, unit): 4 | 8} once the river twins are attached (river.precision)
+        self.river_bits: dict | None = None
+        self.river_head_bits: int | None = None  # the head exited tokens read: 16 or 8
 
     # ------------------------------------------------------------------ river weights
     def ensure_river(self, progress: bool = True) -> None:
-        """Build (or load from the cache beside the model) the 4-bit river twins."""
+        """Build (or load from the cache beside the model) the river twins, at the precision
+        EngineConfig.river_precision asks for (river.twins)."""
         if self.model.river is not None:
             return
-        from river.twin_cache import load_or_quantize
+        from river.twins import build_twins
 
-        weights = load_weights(self.model_dir, self.model_config, dtype=torch.float32)
-        named = {
-            f"layers.{n}.{p}": layer[p]
-            for n, layer in enumerate(weights["layers"])
-            for p in PROJECTIONS
-        }
-        importance, tag = None, ""
-        if self.config.river_calibration == "random-tokens":
-            from river.calibrate import Calibration, activation_importance
-
-            calib = Calibration()
-
-            def measure():
-                # The statistics name the cache, so they must not depend on the CPU path's
-                # dtype: a bf16 CPU engine measures them with an fp32 reference model.
-                model = self.model
-                if self.device.type == "cpu" and self.dtype != torch.float32:
-                    model = LlamaModel(
-                        self.model_config, weights, "cpu", torch.float32, self.max_model_len,
-                        ops="reference",
-                    )  # fmt: skip
-                return activation_importance(model, calib)
-
-            importance, tag = measure, calib.tag
-        quantized = load_or_quantize(
-            self.model_dir,
-            named,
-            group_size=self.config.river_group_size,
-            method=self.config.river_method,
-            progress=progress,
-            importance=importance,
-            importance_tag=tag,
-            announce=(lambda msg: print(f"river: {msg}", file=sys.stderr)) if progress else None,
-        )
-        self.model.attach_river(quantized)
+        quantized, self.river_bits, head = build_twins(self, progress)
+        self.river_head_bits = 16 if head is None else 8
+        self.model.attach_river(quantized, head=head)
         self.runner.on_river_attached()
+
+    def set_river_precision(self, spec: str) -> None:
+        """Switch the twins to another precision ("w4", "w8", "mix:B"; river.precision) between
+        requests: the twins are rebuilt from the caches (quantized on first use). Refused while
+        requests are in flight, since their K/V came from the old twins."""
+        from dataclasses import replace
+
+        from river.precision import TwinPrecision
+
+        spec = TwinPrecision.parse(spec).spec
+        if spec == TwinPrecision.parse(self.config.river_precision).spec:
+            return
+        if self.has_unfinished():
+            raise InvalidRequestError("set_river_precision: requests are still in flight")
+        self.config = replace(self.config, river_precision=spec)
+        if self.model.river is not None:
+            self.model.river = None
+            self.model.river_head = None
+            self.river_bits = None
+            self.ensure_river()
 
     def ensure_draft_head(self) -> None:
         """The 4-bit twin of the LM head that lossless drafts use (quantized here, plain weight

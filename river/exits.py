@@ -43,10 +43,13 @@ class ExitConfig:
     """
 
     mode: str = "full"
-    # River defaults from the HumanEval sweep on SmolLM2-135M (benchmarks/results/quality-cpu.json):
-    # the best top-1 agreement within a budget of 6 backbone layers per decode token.
-    threshold: float = 0.96
-    min_layer: int = 4
+    # River defaults: a static split after one bf16 layer (threshold -1: every token exits at
+    # min_layer). Measured on the tuning text (benchmarks/results/quality-tune-cpu.json), the
+    # cosine rule never beat the static split at equal weight bytes, and with the mixed-precision
+    # twins (EngineConfig.river_precision) a bf16 layer buys less than the same bytes spent on
+    # 8-bit twins; see README "Twin precision". The paper's rule: threshold=0.96, min_layer=4.
+    threshold: float = -1.0
+    min_layer: int = 1
     policy: str = "per_row"
     # w4 drafts measured best: 1.90x ideal at 8B bytes against the river exit's 1.62x, and 1.24x
     # against 0.93x wall-clock at batch 1 on the CPU (benchmarks/results/lossless-cpu*.json)
@@ -135,6 +138,9 @@ class ExitParams:
     may_exit: bool = True
     # Lossless drafts only: the logits come from the model's 4-bit LM head twin.
     draft_head: bool = False
+    # Rows on the river path take their logits from the head's twin when the model has one
+    # (river.precision); lossless drafts with draft_head="bf16" turn it off.
+    river_head: bool = True
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:

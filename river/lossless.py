@@ -53,6 +53,8 @@ def lossless_step(model, kv, reqs, draft_lens: list[int]) -> list[LosslessResult
     exits = ExitParams.build([r.params.exit.draft_config() for r in reqs], dev)
     # the rows' drafts share one head: the 4-bit twin only if every row asks for it
     exits.draft_head = all(r.params.exit.draft_head == "w4" for r in reqs)
+    # "bf16" means the backbone's head, not the river head of the exited rows
+    exits.river_head = False
     drafts = torch.zeros(n, kmax, dtype=torch.int64, device=dev)
     qs = None if greedy else torch.empty(n, kmax, model.cfg.vocab_size, device=dev)
     cur = first

@@ -70,17 +70,20 @@ class LlamaModel:
         ]
         self.river: list[LayerWeights] | None = None
         self.draft_head = None  # a 4-bit twin of the LM head, for lossless drafts only
+        # The LM head's twin that tokens which left the backbone take their logits from
+        # (river.precision: 8-bit in the w8 and mix precisions; None: the bf16 head).
+        self.river_head = None
         self.cos, self.sin = rope_tables(cfg, max_positions, self.device)
         self.scale = cfg.head_dim**-0.5
 
     # ------------------------------------------------------------------ river twins
-    def _place_twin(self, w):
-        """A W4Weight as this model's ops take it (see attach_river)."""
-        if self.ops.kind == "cpu" and self.dtype == torch.bfloat16:
-            from river.kernels.cpu import Int4CpuWeight
+    def _place_twin(self, w, packed=True):
+        """A W4Weight or W8Weight as this model's ops take it (see attach_river)."""
+        if packed and self.ops.kind == "cpu" and self.dtype == torch.bfloat16:
+            from river.kernels.cpu import Int4CpuWeight, Int8CpuWeight
 
             try:
-                return Int4CpuWeight.from_w4(w)
+                return (Int8CpuWeight if w.bits == 8 else Int4CpuWeight).from_quantized(w)
             except ValueError:  # a shape the pack cannot tile: dense bf16 instead
                 pass
         w = w.to(device=self.device, dtype=self.dtype)
@@ -91,24 +94,30 @@ class LlamaModel:
         reads no bf16 weight past its exit. Never used for an emitted token's logits."""
         self.draft_head = self._place_twin(quantized)
 
-    def attach_river(self, quantized: dict) -> None:
-        """quantized: {"layers.N.q": W4Weight, ...} for the seven projections of every layer.
+    def attach_river(self, quantized: dict, packed: bool = True, head=None) -> None:
+        """quantized: {"layers.N.q": W4Weight or W8Weight, ...} for the seven projections of
+        every layer; the projections fused into one weight (q/k/v, gate/up) share a format
+        (river.precision plans them so).
 
-        On CUDA the W4 weights feed the W4A16 kernels. The CPU fast ops in bf16 take them as
-        torch's packed int4 (Int4CpuWeight); otherwise (fp32, or the reference ops) they are
-        dequantized once, since the reference ops would dequantize on every call.
+        On CUDA the twins feed the W4A16 / W8A16 kernels. The CPU fast ops in bf16 take them as
+        torch's packed int4 / int8 (Int4CpuWeight / Int8CpuWeight); otherwise (fp32, or the
+        reference ops) they are dequantized once, since the reference ops would dequantize on
+        every call. packed=False dequantizes on the CPU fast path too (torch's int4/int8 CPU
+        matmuls are GEMV loops, ~6x slower than the bf16 GEMM at prefill-sized batches: the
+        static-split analysis of bench_quality prefills through the twins).
+        head: the LM head's twin (W8Weight) rows on the river path take their logits from, or
+        None (they use the bf16 head).
         """
-        from river.quantize import W4Weight
 
         def cat(*ws):
-            return W4Weight(
-                qweight=torch.cat([w.qweight for w in ws]),
-                scales=torch.cat([w.scales for w in ws]),
-                zeros=torch.cat([w.zeros for w in ws]),
-                group_size=ws[0].group_size,
-            )
+            if len({type(w) for w in ws}) != 1:
+                raise ValueError("projections fused into one weight must share a twin format")
+            return type(ws[0]).cat(ws)
 
-        place = self._place_twin
+        def place(w):
+            return self._place_twin(w, packed)
+
+        self.river_head = None if head is None else place(head)
         self.river = []
         for n in range(self.cfg.num_layers):
             q = {p: quantized[f"layers.{n}.{p}"] for p in PROJECTIONS}
@@ -123,19 +132,34 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, batch: ForwardBatch, kv: KVCache, all_logits: bool = False, observe=None):
+    def prefill(
+        self,
+        batch: ForwardBatch,
+        kv: KVCache,
+        all_logits: bool = False,
+        observe=None,
+        twins_from: int | None = None,
+    ):
         """Full-backbone pass over the new tokens of S sequences; K/V written to the cache.
 
         Returns logits [S, V] at each sequence's last new token, or [T, V] with all_logits.
         observe(layer, name, x) sees the input [T, K] of every projection (name "qkv", "o",
         "gate_up" or "down"); river.calibrate uses it to measure activation statistics.
+        twins_from: layers from this index on run their river twins instead, for every token: a
+        static split, which teacher-forced gives exactly what decoding every token with
+        `ExitConfig("river", threshold=-1, min_layer=twins_from)` gives (up to rounding), in one
+        batched pass (river.precision's sensitivity measurement, bench_quality's analysis).
         """
+        if twins_from is not None and twins_from < self.cfg.num_layers and self.river is None:
+            raise RuntimeError("prefill(twins_from=...) needs the river twins attached")
         ops, cfg = self.ops, self.cfg
         h = self.embed[batch.input_ids]  # [T, H]
         residual = None
         block, offset = _block_offset(batch.slot_mapping, kv.block_size)
         kv.valid[:, block, offset] = kv.true  # a KV-masked request may have left holes here
         for n, w in enumerate(self.layers):
+            if twins_from is not None and n >= twins_from:
+                w = self.river[n]
             x, residual = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps, residual)
             q = ops.qkv_rope_store(
                 x,
@@ -171,7 +195,10 @@ class LlamaModel:
             last = batch.cu_seqlens[1:].long() - 1
             h, residual = h[last], residual[last]
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps, residual)
-        return ops.linear(x, self.lm_head).float()
+        head = self.lm_head
+        if twins_from is not None and twins_from < cfg.num_layers and self.river_head is not None:
+            head = self.river_head  # as decode: a token that left the backbone
+        return ops.linear(x, head).float()
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()
@@ -248,8 +275,16 @@ class LlamaModel:
                 exited = exited | exit_decision(n, h, h_new, bb, exits)
             h = h_new
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)
-        head = self.draft_head if exits.draft_head and self.draft_head is not None else self.lm_head
-        return ops.linear(x, head).float(), used
+        if exits.draft_head and self.draft_head is not None:
+            return ops.linear(x, self.draft_head).float(), used
+        if use_river and exits.river_head and self.river_head is not None:
+            # rows on the river path read the head's twin, the others the bf16 head
+            on_river = active & exited & (exits.after == AFTER_RIVER)
+            logits = torch.zeros(b, cfg.vocab_size, dtype=self.dtype, device=dev)
+            ops.linear(x, self.lm_head, row_mask=~on_river, out=logits)
+            ops.linear(x, self.river_head, row_mask=on_river, out=logits)
+            return logits.float(), used
+        return ops.linear(x, self.lm_head).float(), used
 
 
 def _two_path(op, x, name, paths, out):

@@ -45,6 +45,8 @@ class W4Weight:
     zeros: torch.Tensor  # [N, K // G], quantized units
     group_size: int
 
+    bits = 4
+
     def __post_init__(self):
         n, half_k = self.qweight.shape
         k, g = 2 * half_k, self.group_size
@@ -71,6 +73,18 @@ class W4Weight:
             qweight=self.qweight.to(device=device),
             scales=self.scales.to(device=device, dtype=dtype),
             zeros=self.zeros.to(device=device, dtype=dtype),
+        )
+
+    @staticmethod
+    def cat(ws) -> W4Weight:
+        """Row-wise concatenation (the fused qkv and gate_up weights); one group size."""
+        if len({w.group_size for w in ws}) != 1:
+            raise ValueError("W4Weight.cat: the weights have different group sizes")
+        return W4Weight(
+            qweight=torch.cat([w.qweight for w in ws]),
+            scales=torch.cat([w.scales for w in ws]),
+            zeros=torch.cat([w.zeros for w in ws]),
+            group_size=ws[0].group_size,
         )
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:

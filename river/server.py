@@ -173,6 +173,13 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg("--min-layer", type=int, help="default backbone layers before exit")
     arg("--policy", choices=EXIT_POLICIES, help="default exit policy")
     arg("--max-num-seqs", type=int, default=64, help="rows in one decode batch (default 64)")
+    from river.cli import precision_spec
+
+    arg(
+        "--river-precision",
+        type=precision_spec,
+        help="river twins: w4, w8 or mix:B (default: the engine's, see README)",
+    )
     arg(
         "--kv-cache-tokens",
         type=int,
@@ -185,7 +192,7 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg(
         "--lazy-river",
         action="store_true",
-        help="build the 4-bit river twins on the first w4/river request instead of at start",
+        help="build the river twins on the first w4/river request instead of at start",
     )
     arg(
         "--log-level",
@@ -204,6 +211,8 @@ def config_from_args(args) -> ServerConfig:
         if getattr(args, name) is not None:
             exit_kw[name] = getattr(args, name)
     engine_kw = {"device": args.device, "max_num_seqs": args.max_num_seqs}
+    if args.river_precision is not None:
+        engine_kw["river_precision"] = args.river_precision
     if args.kv_cache_tokens is not None:
         engine_kw["kv_cache_tokens"] = args.kv_cache_tokens
     return ServerConfig(

@@ -1,10 +1,10 @@
-"""The on-disk cache of the W4 river twins: one safetensors file per model directory, group
-size, method and (un)weighted error, its metadata keyed by a fingerprint of the source weights,
-the importance measurement and the quantizer's versions, so that a changed model or quantizer
-rebuilds it instead of loading stale twins.
+"""The on-disk cache of the river twins: one safetensors file per model directory, precision
+(4-bit: group size and method; 8-bit: per channel) and (un)weighted error, its metadata keyed
+by a fingerprint of the source weights, the importance measurement and the quantizer's
+versions, so that a changed model or quantizer rebuilds it instead of loading stale twins.
 
-File layout: for every weight NAME the tensors NAME.qweight, NAME.scales and NAME.zeros (see
-river.quantize for the format), scales and zeros stored float32.
+File layout: for every weight NAME the tensors NAME.qweight, NAME.scales and (4-bit only)
+NAME.zeros (see river.quantize and river.w8 for the formats), scales and zeros stored float32.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ import torch
 from river.model_cache import river_home
 from river.quantize import FORMAT_VERSION, W4Weight, quantize_model
 from river.w4_methods import ALGO_VERSION, METHODS
+from river.w8 import W8_FORMAT_VERSION, W8Weight, quantize_w8
 
 
-def cache_file_name(group_size: int, method: str, weighted: bool = False) -> str:
+def cache_file_name(group_size: int, method: str, weighted: bool = False, bits: int = 4) -> str:
     # The "river-" prefix matters: river.checkpoint skips such files when globbing for shards.
-    return f"river-w4-g{group_size}-{method}{'-act' if weighted else ''}.safetensors"
+    act = "-act" if weighted else ""
+    if bits == 8:
+        return f"river-w8-channel{act}.safetensors"
+    return f"river-w4-g{group_size}-{method}{act}.safetensors"
 
 
 def _fallback_dir(model_dir: pathlib.Path, cache_dir) -> pathlib.Path:
@@ -57,7 +61,15 @@ def fingerprint(named_weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _metadata(group_size, method, fp, names, importance_tag="") -> dict[str, str]:
+def _metadata(group_size, method, fp, names, importance_tag="", bits=4) -> dict[str, str]:
+    if bits == 8:
+        return {
+            "importance": importance_tag,
+            "format": "river-w8",
+            "format_version": str(W8_FORMAT_VERSION),
+            "fingerprint": fp,
+            "names": json.dumps(sorted(names)),
+        }
     return {
         "importance": importance_tag,
         "format": "river-w4",
@@ -71,7 +83,7 @@ def _metadata(group_size, method, fp, names, importance_tag="") -> dict[str, str
 
 
 def _try_load(path: pathlib.Path, expected: dict[str, str], shapes: dict) -> dict | None:
-    """The cached W4 weights at `path`, or None if absent, stale or unreadable."""
+    """The cached twins at `path`, or None if absent, stale or unreadable."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -81,9 +93,17 @@ def _try_load(path: pathlib.Path, expected: dict[str, str], shapes: dict) -> dic
             meta = f.metadata() or {}
             if any(meta.get(k) != v for k, v in expected.items()):
                 return None  # other weights, parameters or code version: rebuild
-            group_size = int(meta["group_size"])
             out = {}
             for name, (n, k) in shapes.items():
+                if meta.get("format") == "river-w8":
+                    out[name] = W8Weight(
+                        qweight=f.get_tensor(f"{name}.qweight"),
+                        scales=f.get_tensor(f"{name}.scales"),
+                    )
+                    if out[name].shape != (n, k):
+                        return None
+                    continue
+                group_size = int(meta["group_size"])
                 out[name] = W4Weight(
                     qweight=f.get_tensor(f"{name}.qweight"),
                     scales=f.get_tensor(f"{name}.scales"),
@@ -94,11 +114,11 @@ def _try_load(path: pathlib.Path, expected: dict[str, str], shapes: dict) -> dic
                     return None
             return out
     except Exception as e:  # a truncated or corrupt cache is rebuilt, never fatal
-        warnings.warn(f"ignoring unreadable W4 cache {path}: {e}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable twin cache {path}: {e}", stacklevel=3)
         return None
 
 
-def _try_save(path: pathlib.Path, quantized: dict[str, W4Weight], meta: dict[str, str]) -> bool:
+def _try_save(path: pathlib.Path, quantized: dict, meta: dict[str, str]) -> bool:
     """Write the cache atomically; False (nothing left behind) if the directory refuses it."""
     from safetensors.torch import save
 
@@ -106,7 +126,8 @@ def _try_save(path: pathlib.Path, quantized: dict[str, W4Weight], meta: dict[str
     for name, q in quantized.items():
         tensors[f"{name}.qweight"] = q.qweight.cpu().contiguous()
         tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
-        tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
+        if q.bits == 4:
+            tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
     data = save(tensors, metadata=meta)  # bytes, ~0.6 bytes per weight
     # Unique per writer, and ending in .tmp rather than .safetensors so the checkpoint loader's
     # shard glob never picks up a half-written file.
@@ -135,8 +156,10 @@ def load_or_quantize(
     importance=None,
     importance_tag: str = "",
     announce=None,
-) -> dict[str, W4Weight]:
-    """The W4 twins of `named_weights`, from the cache if it matches, else quantized and cached.
+    bits: int = 4,
+) -> dict:
+    """The twins of `named_weights` (bits=4: W4Weight, group_size and method apply; bits=8:
+    W8Weight, per channel), from the cache if it matches, else quantized and cached.
 
     announce: optional callable(str) told, once, when the twins are built rather than loaded
     (the CLI prints it: a first run of the river pauses for this).
@@ -153,17 +176,19 @@ def load_or_quantize(
     method, fingerprint of the source weights) does not match is ignored and rebuilt.
     Scales/zeros come back float32 on CPU; the caller casts them to its compute dtype.
     """
+    if bits not in (4, 8):
+        raise ValueError(f"twins are 4- or 8-bit, got bits={bits}")
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
-    if method == "rtn":
+    if method == "rtn" and bits == 4:
         importance = None  # rtn has no objective to weight: one cache, no statistics pass
     if importance is not None and not importance_tag:
         raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
     model_dir = pathlib.Path(model_dir)
-    name = cache_file_name(group_size, method, weighted=importance is not None)
+    name = cache_file_name(group_size, method, weighted=importance is not None, bits=bits)
     candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
     tag = importance_tag if importance is not None else ""
-    meta = _metadata(group_size, method, fingerprint(named_weights), named_weights, tag)
+    meta = _metadata(group_size, method, fingerprint(named_weights), named_weights, tag, bits)
     shapes = {k: tuple(v.shape) for k, v in named_weights.items()}
     for path in candidates:
         cached = _try_load(path, meta, shapes)
@@ -171,17 +196,53 @@ def load_or_quantize(
             return cached
     if announce is not None:
         where = candidates[0] if os.access(candidates[0].parent, os.W_OK) else candidates[1]
-        announce(
-            f"building the 4-bit river twins once ({method}, group {group_size}); cache: {where}"
+        what = (
+            "8-bit river twins once (per channel)"
+            if bits == 8
+            else (f"4-bit river twins once ({method}, group {group_size})")
         )
+        announce(f"building the {what}; cache: {where}")
         progress = progress and sys.stderr.isatty()  # that line says it; a bar only on a terminal
     imp = importance() if importance is not None else None
-    quantized = quantize_model(named_weights, group_size, method, progress, imp)
+    if bits == 8:
+        quantized = {
+            k: quantize_w8(w, imp.get(k) if imp else None) for k, w in named_weights.items()
+        }
+    else:
+        quantized = quantize_model(named_weights, group_size, method, progress, imp)
     quantized = {k: v.to(device="cpu") for k, v in quantized.items()}
     if not any(_try_save(path, quantized, meta) for path in candidates):
         warnings.warn(
-            f"could not write the W4 cache to {candidates[0].parent} or {candidates[1].parent}; "
+            f"could not write the twin cache to {candidates[0].parent} or {candidates[1].parent}; "
             "it will be rebuilt next time",
             stacklevel=2,
         )
     return quantized
+
+
+def load_or_measure_json(model_dir, name: str, identity: dict, measure, cache_dir=None) -> dict:
+    """A small JSON result (river.precision's unit sensitivities) cached beside the twins:
+    `name` in model_dir (or the fallback directory), reused while its `identity` (the source
+    weights' fingerprint, how it was measured) matches, else `measure()` is called and the
+    result written. The result must be JSON-serialisable."""
+    model_dir = pathlib.Path(model_dir)
+    candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("identity") == identity:
+                return data["result"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+    result = measure()
+    blob = json.dumps({"identity": identity, "result": result}, indent=1)
+    for path in candidates:
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(blob)
+            os.replace(tmp, path)
+            break
+        except OSError:
+            tmp.unlink(missing_ok=True) if tmp.parent.exists() else None
+    return result

@@ -77,7 +77,8 @@ def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_pa
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dir, model_dir)
-    kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32}
+    # (the 4-bit twins: a w8 or mix twin of layer 0's down may be 8-bit either way)
+    kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w4"}
     plain = Engine(model_dir, river_calibration="none", **kw)
     plain.ensure_river(progress=False)
     weighted = Engine(model_dir, **kw)

@@ -145,6 +145,8 @@ def test_prompt_from_stdin_and_file(tiny_dir, tmp_path, capsys, monkeypatch):
         (("--min-layer", "999", "--exit", "river"), "--min-layer"),
         (("--stream", "--json"), "--stream"),
         (("--prompt-file", "/nonexistent/prompt.txt"), "--prompt-file"),
+        (("--river-precision", "mix:3"), "--river-precision"),
+        (("--river-precision", "w5"), "--river-precision"),
     ],
 )
 def test_bad_flag_is_one_line_and_status_2(tiny_dir, args, flag, capsys):
@@ -204,9 +206,12 @@ def test_every_flag_reaches_the_engine(tiny_dir, monkeypatch):
         "batch_min",
         "--threads",
         "1",
+        "--river-precision",
+        "w8",
         "hi",
     )
     assert cli.main(list(argv)) == 0
+    assert seen["engine"].config.river_precision == "w8"
     sp = seen["params"]
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (3, 0.0, 0.5, 7, 0)
     assert sp.stop == ("xyz",) and sp.ignore_eos
@@ -268,7 +273,7 @@ def test_first_river_use_says_once_where_the_twins_go(tiny_dir, tmp_path):
     )
     first = river(*args, "--max-tokens", "2", "hi")
     assert first.returncode == 0, first.stderr
-    said = [ln for ln in first.stderr.splitlines() if "building the 4-bit river twins" in ln]
+    said = [ln for ln in first.stderr.splitlines() if "building the river twins" in ln]
     assert len(said) == 1 and str(model) in said[0]
     assert len(first.stderr.strip().splitlines()) == 2  # that line and the footer
     second = river(*args, "--max-tokens", "2", "hi")

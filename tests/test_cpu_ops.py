@@ -129,7 +129,7 @@ def test_int4_pack_equals_dequantized_twin(n, k, g):
     torch.manual_seed(1)
     w = torch.randn(n, k) / 10
     w4 = quantize_w4(w, g, method="rtn")
-    packed = cpu.Int4CpuWeight.from_w4(w4)
+    packed = cpu.Int4CpuWeight.from_quantized(w4)
     dense = w4.dequantize(torch.float32)
     # The packed form sees zero' = (8 - z) * s rounded once to bf16: at most half a bf16 ulp
     # of each group's zero' away from the dequantized twin.
@@ -145,13 +145,13 @@ def test_int4_pack_equals_dequantized_twin(n, k, g):
 
 def test_int4_pack_refuses_untileable_shapes():
     with pytest.raises(ValueError, match="divisible by 16"):
-        cpu.Int4CpuWeight.from_w4(quantize_w4(torch.randn(40, 64), 32, method="rtn"))
+        cpu.Int4CpuWeight.from_quantized(quantize_w4(torch.randn(40, 64), 32, method="rtn"))
 
 
 def test_int4_needs_bf16_activations():
     w4 = quantize_w4(torch.randn(32, 64), 64, method="rtn")
     with pytest.raises(TypeError, match="bf16"):
-        cpu.linear(torch.randn(2, 64), cpu.Int4CpuWeight.from_w4(w4))
+        cpu.linear(torch.randn(2, 64), cpu.Int4CpuWeight.from_quantized(w4))
 
 
 def test_engine_runs_bf16_with_packed_twins_on_cpu(tiny_dir):
@@ -160,11 +160,9 @@ def test_engine_runs_bf16_with_packed_twins_on_cpu(tiny_dir):
     from river import Engine, ExitConfig, SamplingParams
     from river.cpu import has_native_bf16
 
-    fast = Engine(str(tiny_dir), device="cpu", num_blocks=32, block_size=8)
-    oracle = Engine(
-        str(tiny_dir), device="cpu", num_blocks=32, block_size=8, dtype=torch.float32,
-        ops="reference",
-    )  # fmt: skip
+    kw = {"device": "cpu", "num_blocks": 32, "block_size": 8, "river_precision": "w4"}
+    fast = Engine(str(tiny_dir), **kw)
+    oracle = Engine(str(tiny_dir), dtype=torch.float32, ops="reference", **kw)
     assert oracle.model.ops.kind == "reference" and fast.model.ops.kind == "cpu"
     if not has_native_bf16():
         pytest.skip("this CPU has no native bf16: the fast path stays fp32")

@@ -29,6 +29,7 @@ if DEVICE == "cpu" and not INTERPRET:
 pytest.importorskip("triton")
 
 from river.quantize import W4Weight  # noqa: E402
+from river.w8 import W8Weight  # noqa: E402
 
 
 def _kernel_modules():
@@ -93,9 +94,17 @@ def make_w4(n, k, group, dtype, device=DEVICE):
     return W4Weight(q, scales, zeros, group)
 
 
+def make_w8(n, k, dtype, device=DEVICE):
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    scales = (torch.rand(n, device=device) * 0.002 + 0.0005).to(dtype)
+    return W8Weight(q, scales)
+
+
 def make_weight(fmt, n, k, dtype):
     if fmt == "dense":
         return (torch.randn(n, k, device=DEVICE) * k**-0.5).to(dtype)
+    if fmt == "w8":
+        return make_w8(n, k, dtype)
     return make_w4(n, k, int(fmt[3:]), dtype)
 
 
@@ -140,6 +149,10 @@ LINEAR_CASES = [
     ("dense", 70, 16, 64, "none"),  # cuBLAS path
     ("dense", 70, 16, 64, "some"),  # masked: the kernel, big bucket
     ("w4g64", 70, 16, 128, "none"),
+    ("w8", 1, 40, 320, "some"),  # W8: the dense GEMV on int8, then the row scale
+    ("w8", 1, 24, 256, "none"),
+    ("w8", 5, 40, 192, "all"),  # W8 tl.dot
+    ("w8", 70, 16, 128, "some"),  # W8 never goes to cuBLAS
 ]
 
 
@@ -166,7 +179,7 @@ def test_linear(fmt, m, n, k, mask_kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", ["w4g32", "w4g64", "w4g128", "dense"])
+@pytest.mark.parametrize("fmt", ["w4g32", "w4g64", "w4g128", "w8", "dense"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 12, 16, 24, 31, 32, 40, 48, 63, 64])
 def test_linear_m_sweep(m, fmt, dtype):
     """Every decode batch size 1..64 (each M bucket and its edges), every group size."""
@@ -188,6 +201,8 @@ GATE_UP_CASES = [
     ("w4g64", 40, 16, 128, "some"),
     ("dense", 17, 24, 128, "empty"),
     ("dense", 70, 16, 64, "none"),
+    ("w8", 1, 24, 192, "some"),
+    ("w8", 9, 16, 128, "none"),
 ]
 
 
@@ -214,6 +229,8 @@ def test_gate_up_silu(fmt, m, inter, k, mask_kind, dtype):
         ("w4g32", 3, (16, 32, 64)),  # W4 tl.dot
         ("dense", 1, (1, 16, 64)),  # dense GEMV
         ("dense", 20, (32, 16, 32)),  # dense tl.dot
+        ("w8", 1, (1, 16, 64)),  # W8 GEMV: split partials scaled before the sum
+        ("w8", 20, (32, 16, 32)),  # W8 tl.dot
     ],
 )
 @pytest.mark.parametrize("gate_up", [False, True])
@@ -301,6 +318,8 @@ QKV_CASES = [
     (1, 4, 1, 32, 320, 16, 2, "w4g32", "some"),  # K not a multiple of BLOCK_K
     (17, 4, 1, 16, 64, 16, 4, "dense", "some"),  # tl.dot path
     (6, 3, 3, 16, 128, 8, 3, "w4g128", "empty"),
+    (1, 4, 2, 16, 128, 8, 4, "w8", "some"),  # W8 GEMV
+    (18, 6, 2, 32, 64, 16, 4, "w8", "none"),  # W8 tl.dot
 ]
 
 

@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from serve_helpers import ENGINE, greedy, metric, reference_engine, wait_idle  # noqa: E402
 
-from river import Engine, ExitConfig  # noqa: E402
+from river import Engine, EngineConfig, ExitConfig  # noqa: E402
 from river.server import ServerConfig, ServerHandle, add_serve_parser  # noqa: E402
 
 
@@ -126,6 +126,9 @@ def test_serve_parser():
 
     cfg = config_from_args(args)
     assert cfg.default_exit == ExitConfig("river", min_layer=3) and cfg.api_key is None
+    assert cfg.engine.river_precision == EngineConfig().river_precision
+    args = p.parse_args(["serve", "--river-precision", "mix:0.4"])
+    assert config_from_args(args).engine.river_precision == "mix:0.4"
     args = p.parse_args(["serve"])
     assert args.model is None and args.host == "127.0.0.1" and args.port == 8000
 

@@ -1,0 +1,130 @@
+"""Building an engine's river twins: the 4- and 8-bit twins of every projection (quantized once
+and cached beside the model, river.twin_cache), and the per-projection choice between them that
+EngineConfig.river_precision asks for (river.precision)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from river.checkpoint import load_weights
+from river.config import PROJECTIONS
+from river.model import LlamaModel
+from river.precision import SENSITIVITY_VERSION, TwinPrecision, plan, select, unit_sensitivity
+
+# The random ids the sensitivities are measured on: fewer than the importance statistics
+# (river.calibrate's 8 x 256), since this takes a forward pass per unit (120 for the default
+# model, ~100 s in fp32 on 2 CPU cores, once); the ranking is what matters, not the KLs.
+SENSITIVITY_CALIBRATION = (4, 128)
+
+
+def build_twins(engine, progress: bool = True):
+    """(quantized {"layers.N.proj": W4Weight | W8Weight}, bits {(layer, unit): 4 | 8}, head
+    W8Weight or None) for `engine` (a river.Engine: its model, config and model directory).
+    The head's twin is quantized here (under a second for the default model; not cached)."""
+    from river.twin_cache import fingerprint, load_or_measure_json, load_or_quantize
+
+    cfg = engine.config
+    precision = TwinPrecision.parse(cfg.river_precision)
+    weights = load_weights(engine.model_dir, engine.model_config, dtype=torch.float32)
+    named = {
+        f"layers.{n}.{p}": layer[p]
+        for n, layer in enumerate(weights["layers"])
+        for p in PROJECTIONS
+    }
+    said = []
+
+    def announce(msg):
+        # One line for the whole first build (4-bit, 8-bit, sensitivities): where it goes.
+        if not said:
+            where = msg.rpartition("cache: ")[2]
+            print(
+                f"river: building the river twins once (river_precision {precision.spec}); "
+                f"cache: {where}",
+                file=sys.stderr,
+            )
+        said.append(msg)
+
+    announce = announce if progress else None
+    fp32_models = {}
+
+    def reference_model(ops):
+        # Measurements that name a cache must not depend on the CPU path's dtype: a bf16 CPU
+        # engine measures them with an fp32 model (`ops`: "reference" for the importance
+        # statistics, as they were always measured; "cpu", dense fp32 matmuls and ~3x faster,
+        # for the 120 passes of the sensitivities).
+        if engine.device.type != "cpu" or engine.dtype == torch.float32:
+            return engine.model
+        if ops not in fp32_models:
+            fp32_models[ops] = LlamaModel(
+                engine.model_config, weights, "cpu", torch.float32, engine.max_model_len,
+                ops=ops,
+            )  # fmt: skip
+        return fp32_models[ops]
+
+    importance, tag = None, ""
+    if cfg.river_calibration == "random-tokens":
+        from river.calibrate import Calibration, activation_importance
+
+        calib = Calibration()
+        measured = {}
+
+        def importance():
+            if "imp" not in measured:  # once for both formats
+                measured["imp"] = activation_importance(reference_model("reference"), calib)
+            return measured["imp"]
+
+        tag = calib.tag
+    twins = {
+        bits: load_or_quantize(
+            engine.model_dir,
+            named,
+            group_size=cfg.river_group_size,
+            method=cfg.river_method,
+            progress=progress,
+            importance=importance,
+            importance_tag=tag,
+            announce=announce,
+            bits=bits,
+        )  # fmt: skip
+        for bits in precision.bits_needed
+    }
+    sensitivity = None
+    if precision.preset == "mix":
+        from river.calibrate import Calibration
+
+        calib = Calibration(*SENSITIVITY_CALIBRATION)
+        model = reference_model("cpu")
+        identity = {
+            "fingerprint": fingerprint(named),
+            "twins": f"w4-g{cfg.river_group_size}-{cfg.river_method}+w8-channel|{tag}",
+            "measure": f"kl-swap:random-tokens:{calib.num_seqs}x{calib.seq_len}:"
+            f"seed{calib.seed}:v{SENSITIVITY_VERSION}",
+            "dtype": str(model.dtype),
+            "ops": model.ops.kind,
+        }
+
+        def measure():
+            if announce is not None:
+                announce(
+                    "measuring which twins need 8 bits (a short forward pass per projection, "
+                    f"random tokens); cache: {engine.model_dir / 'river-sensitivity.json'}"
+                )
+            from river.progress import progress_bar
+
+            total = engine.model_config.num_layers * 4
+            with progress_bar(total=total, desc="river sensitivity", unit="proj",
+                              enabled=progress and sys.stderr.isatty()) as bar:  # fmt: skip
+                sens = unit_sensitivity(model, twins, calib, lambda d, t: bar.update())
+            return [[n, u, v] for (n, u), v in sens.items()]
+
+        rows = load_or_measure_json(engine.model_dir, "river-sensitivity.json", identity, measure)
+        sensitivity = {(n, u): v for n, u, v in rows}
+    bits = plan(precision, engine.model_config, sensitivity, cfg.river_group_size)
+    head = None
+    if precision.head_bits == 8:
+        from river.w8 import quantize_w8
+
+        head = quantize_w8(engine.model.lm_head.float().cpu())
+    return select(bits, twins), bits, head
