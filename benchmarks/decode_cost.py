@@ -16,12 +16,13 @@ def exit_distribution(num_layers, exit_layers, hist):
 
 def layer_bytes(cfg, group_size):
     """(bf16 layer, W4 twin layer, qkv weight) bytes of one decoder layer, and the LM head's."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h
-    params = qkv + h * cfg.num_heads * d + 2 * i * h + h * i
-    bf16 = 2 * params + 2 * 2 * h  # + the two norms
-    w4 = params // 2 + 2 * 2 * params // group_size  # nibbles + bf16 scale and zero per group
-    return bf16, w4, qkv, 2 * cfg.vocab_size * h
+    from river.precision import UNITS, unit_shapes, weight_bytes
+
+    shapes = unit_shapes(cfg)
+    bf16 = sum(weight_bytes(*shapes[u], 16) for u in UNITS) + 2 * 2 * cfg.hidden_size  # + norms
+    w4 = sum(weight_bytes(*shapes[u], 4, group_size) for u in UNITS)
+    qkv = shapes["qkv"][0] * shapes["qkv"][1]  # parameters
+    return bf16, w4, qkv, weight_bytes(cfg.vocab_size, cfg.hidden_size, 16)
 
 
 def bytes_per_step(cfg, mode, batch, probs, context, group_size):
@@ -68,8 +69,7 @@ def token_bytes_ratio(target, bits, layer_counts, group_size=64, head_bits=16):
     from river.precision import UNITS, unit_shapes, weight_bytes
 
     shapes = unit_shapes(target)
-    bf16_layer = sum(weight_bytes(*shapes[u], 16) for u in UNITS) + 2 * 2 * target.hidden_size
-    head = weight_bytes(target.vocab_size, target.hidden_size, 16)
+    bf16_layer, _, _, head = layer_bytes(target, group_size)
     river_head = weight_bytes(target.vocab_size, target.hidden_size, head_bits)
     full = head + target.num_layers * bf16_layer
     if bits is None:

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from river.config import FUSED
 from river.kv_cache import KVCache, blocks_needed
 from river.model import LlamaModel
 from river.scheduler import prefill_forward_batch
 
 # The projections that read each observed input (river.model.LlamaModel.prefill's names).
-_READERS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+_READERS = FUSED
 
 
 @dataclass(frozen=True)

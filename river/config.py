@@ -16,6 +16,9 @@ _LLAMA_TYPES = {"llama"}
 # The seven projections of a decoder layer, as checkpoints and river's twins name them
 # (weights["layers"][n][name]; twins "layers.{n}.{name}").
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# The weights the forward fuses (LlamaModel.LayerWeights' fields) -> the projections in each,
+# in row order; fused projections read the same input and share one twin format.
+FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 
 
 @dataclass(frozen=True)

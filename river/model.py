@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from river.config import PROJECTIONS, ModelConfig, rope_tables
+from river.config import FUSED, ModelConfig, rope_tables
 from river.exits import AFTER_MASK, AFTER_PROPAGATE, AFTER_RIVER, ExitParams, exit_decision
 from river.kv_cache import KVCache
 from river.ops import get_ops
@@ -110,6 +110,8 @@ class LlamaModel:
         """
 
         def cat(*ws):
+            if len(ws) == 1:
+                return ws[0]
             if len({type(w) for w in ws}) != 1:
                 raise ValueError("projections fused into one weight must share a twin format")
             return type(ws[0]).cat(ws)
@@ -118,17 +120,15 @@ class LlamaModel:
             return self._place_twin(w, packed)
 
         self.river_head = None if head is None else place(head)
-        self.river = []
-        for n in range(self.cfg.num_layers):
-            q = {p: quantized[f"layers.{n}.{p}"] for p in PROJECTIONS}
-            self.river.append(
-                LayerWeights(
-                    qkv=place(cat(q["q"], q["k"], q["v"])),
-                    o=place(q["o"]),
-                    gate_up=place(cat(q["gate"], q["up"])),
-                    down=place(q["down"]),
-                )
+        self.river = [
+            LayerWeights(
+                **{
+                    fused: place(cat(*(quantized[f"layers.{n}.{p}"] for p in projs)))
+                    for fused, projs in FUSED.items()
+                }
             )
+            for n in range(self.cfg.num_layers)
+        ]
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()

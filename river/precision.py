@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from river.config import ModelConfig
+from river.config import FUSED, ModelConfig
 from river.errors import ConfigError
 
 # unit -> the projections (river.config.PROJECTIONS names) fused into its weight
-UNITS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+UNITS = FUSED
 PRESETS = ("w4", "w8", "mix")
 SENSITIVITY_VERSION = 2  # bump when unit_sensitivity's measurement changes (cache identity)
 
