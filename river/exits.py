@@ -141,13 +141,28 @@ class ExitParams:
     # Rows on the river path take their logits from the head's twin when the model has one
     # (river.precision); lossless drafts with draft_head="bf16" turn it off.
     river_head: bool = True
+    # Host-side: a layer count after which no row is in the backbone (every row is w4 or a
+    # static-split river, threshold <= -1), or None. The CPU path then skips the backbone's
+    # ops and the exit decision from there on; a captured graph leaves it None.
+    backbone_until: int | None = None
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:
         if any(c.mode == "lossless" for c in configs):
             raise ValueError("lossless rows run river.lossless, not a plain decode step")
         inf = float("inf")
-        thr = [c.threshold if c.mode in ("river", "propagate", "mask") else inf for c in configs]
+        # threshold <= -1 is a static split: every row exits at min_layer (-inf: any finite
+        # cosine passes, so the rule and the host-side backbone_until below agree)
+        thr = [
+            (-inf if c.threshold <= -1 else c.threshold)
+            if c.mode in ("river", "propagate", "mask")
+            else inf
+            for c in configs
+        ]
+        static = all(c.mode == "w4" or (c.mode == "river" and c.threshold <= -1) for c in configs)
+        until = None
+        if static and configs:
+            until = max(0 if c.mode == "w4" else max(c.min_layer, 1) for c in configs)
         after = {
             "river": AFTER_RIVER,
             "w4": AFTER_RIVER,
@@ -167,6 +182,7 @@ class ExitParams:
             uses_river=any(c.mode in ("w4", "river") for c in configs),
             uses_kv_mask=any(c.mode == "mask" for c in configs),
             may_exit=any(c.mode in ("river", "propagate", "mask") for c in configs),
+            backbone_until=until,
         )
 
 

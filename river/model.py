@@ -231,8 +231,11 @@ class LlamaModel:
         # The slot may last have been left as a hole by a KV-masked request: mark it written in
         # every layer once, and let KV masking punch its holes below.
         kv.valid[:, block, offset] = kv.true
+        until = exits.backbone_until
         for n, w in enumerate(self.layers):
             rw = self.river[n] if use_river else None
+            # host-side: past `until` no row can be in the backbone (static splits, w4)
+            backbone_on = exits.uses_backbone and (until is None or n < until)
             bb = active & ~exited  # rows in the bf16 backbone at this layer
             rv = active & exited & (exits.after == AFTER_RIVER)
             frozen = active & exited & (exits.after != AFTER_RIVER)
@@ -240,9 +243,9 @@ class LlamaModel:
             # river rows the 4-bit twin, into the same slot; KV-masked rows write nothing.
             x, _ = ops.rms_norm(h, self.input_norms[n], cfg.rms_norm_eps)
             kv_bf16 = bb  # (built only when the backbone runs: on the CPU every small op costs)
-            if exits.uses_backbone:
+            if backbone_on:
                 kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
-            for weights, rows, on in ((w, kv_bf16, exits.uses_backbone), (rw, rv, use_river)):
+            for weights, rows, on in ((w, kv_bf16, backbone_on), (rw, rv, use_river)):
                 if on:
                     ops.qkv_rope_store(
                         x, weights.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
@@ -263,7 +266,7 @@ class LlamaModel:
                 kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
                 scratch=scratch,
             ).reshape(b, -1)
-            paths = ((w, bb, exits.uses_backbone), (rw, rv, use_river))
+            paths = ((w, bb, backbone_on), (rw, rv, use_river))
             _two_path(ops.linear, a, "o", paths, a_out)
             h_mid = h + a_out
             x, _ = ops.rms_norm(h_mid, self.post_norms[n], cfg.rms_norm_eps)
@@ -271,7 +274,7 @@ class LlamaModel:
             _two_path(ops.linear, mlp, "down", paths, a_out)
             h_new = torch.where(computing.unsqueeze(1), h_mid + a_out, h)
             used += bb.int()
-            if exits.may_exit and n + 1 < cfg.num_layers:
+            if exits.may_exit and n + 1 < cfg.num_layers and (until is None or n < until):
                 exited = exited | exit_decision(n, h, h_new, bb, exits)
             h = h_new
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)

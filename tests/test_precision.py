@@ -340,3 +340,30 @@ def test_river_rows_read_the_head_twin(tiny3):
     full_twin, _, _ = _prefill(twin, seq)
     full_plain, _, _ = _prefill(plain, seq)
     torch.testing.assert_close(full_twin, full_plain)  # a full prefill never reads it
+
+
+def test_static_split_skips_the_backbone_past_its_layer(tiny3):
+    """ExitParams.backbone_until (host-side, static splits and w4 only) skips the backbone's ops
+    and the exit decision past the split without changing a logit."""
+    from river.kv_cache import pad_block_tables
+    from river.model import ForwardBatch
+
+    mc, weights, quant4 = tiny3
+    model = LlamaModel(mc, weights, "cpu", torch.float32, 128, ops="reference")
+    model.attach_river(quant4)
+    cfgs = [ExitConfig("river", -1.0, 2), ExitConfig("w4"), ExitConfig("river", -1.0, 0)]
+    exits = ExitParams.build(cfgs, "cpu")
+    assert exits.backbone_until == 2
+    assert ExitParams.build([*cfgs, ExitConfig("full")], "cpu").backbone_until is None
+    assert ExitParams.build([ExitConfig("river", 0.5, 1)], "cpu").backbone_until is None
+    outs = []
+    for until in (2, None):
+        exits.backbone_until = until
+        kv = KVCache(mc.num_layers, 8, 4, mc.num_kv_heads, mc.head_dim, torch.float32, "cpu")
+        batch = ForwardBatch(
+            torch.tensor([3, 4, 5]), torch.zeros(3, dtype=torch.long), torch.tensor([0, 4, 8]),
+            pad_block_tables([[0], [1], [2]]), torch.ones(3, dtype=torch.int32),
+        )  # fmt: skip
+        outs.append(model.decode(batch, kv, exits))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert outs[0][1].tolist() == outs[1][1].tolist() == [2, 0, 1]
