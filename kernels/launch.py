@@ -16,7 +16,6 @@ __all__ = [
     "interpreting",
     "num_sms",
     "dot_precision",
-    "is_w4",
     "weight_operands",
     "check_rows",
     "check_device",
@@ -54,10 +53,6 @@ def weight_bits(weight) -> int:
     """16 for a dense tensor, else the twin's bits (river.quantize.W4Weight: 4,
     river.w8.W8Weight: 8)."""
     return 16 if isinstance(weight, torch.Tensor) else int(getattr(weight, "bits", 4))
-
-
-def is_w4(weight) -> bool:
-    return weight_bits(weight) == 4
 
 
 def weight_operands(weight, x: torch.Tensor):
