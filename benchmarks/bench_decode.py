@@ -6,6 +6,7 @@ On a GPU (H100 is the target):
     python benchmarks/bench_decode.py --exit-histogram hist.json
     python benchmarks/bench_decode.py --record-histogram hist.json   # record on the real model
     python benchmarks/bench_decode.py --hf-skip 8b:32                # HF too slow there
+    python benchmarks/bench_decode.py --tp 2 --model DIR   # engine decode, TP 1 vs 2 (tp_timing)
 On a CPU-only machine (a smoke test, times mean nothing):
     python benchmarks/bench_decode.py --tiny               # eager decode
     python benchmarks/bench_decode.py --tiny --pad-eager   # the padded step the graphs capture
@@ -117,6 +118,13 @@ def parse_args(argv=None):
     )
     arguments.add_exit(p, threshold=0.9, min_layer=8, note=" (recording)")
     p.add_argument("--record-tokens", type=int, default=256, help="tokens per prompt (recording)")
+    p.add_argument(
+        "--tp",
+        type=arguments.positive_int,
+        default=1,
+        help="time only the engine's decode at tensor_parallel_size 1 and TP (one rank per GPU; "
+        "benchmarks/tp_timing.py) on --model, and exit",
+    )
     args = p.parse_args(argv)
     tiny = args.tiny
     defaults = dict(
@@ -269,10 +277,26 @@ def bench_model(key, args, device, dtype, modes, hist, rows, save):
         save()
 
 
+def bench_tensor_parallel(args):
+    """--tp N: the engine's decode tok/s at TP 1 and N (full, w4, river), JSON beside the
+    others (decode-tp<N>-<device>.json)."""
+    from tp_timing import bench_tp
+
+    device = pick_device(args.device)
+    out = result_path(args.out, f"decode-tp{args.tp}-{device_slug(device)}.json")
+    print(f"== engine decode, tensor_parallel_size 1 and {args.tp} ({device}) ==", flush=True)
+    rows = bench_tp(args.model, device, args.tp, args.batches, args.steps, RECORD_PROMPTS)
+    write_json(out, {**run_metadata(device), "steps": args.steps, "results": rows})
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.record_histogram:
         record_histogram(args)
+        return
+    if args.tp > 1:
+        bench_tensor_parallel(args)
         return
     import torch
     from forced_exits import ExitHistogram

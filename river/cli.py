@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from river.errors import RiverError
@@ -121,6 +122,21 @@ def _generate(args, parser) -> int:
 
     if args.stream and args.json:
         parser.error("argument --stream: not allowed with --json (--json prints whole results)")
+    engine_kw = {
+        "device": args.device,
+        "num_threads": args.threads,
+        "river_precision": args.river_precision,
+        "tensor_parallel_size": args.tp,
+    }
+    if args.dtype:
+        import torch
+
+        engine_kw["dtype"] = getattr(torch, args.dtype)
+    engine_kw = {k: v for k, v in engine_kw.items() if v is not None}
+    if args.tp > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun's rank 1..: no prompts read here; this Engine serves rank 0's steps and
+        # ends the process when rank 0 is done (river.parallel)
+        Engine(args.model, **engine_kw)
     prompts = _read_prompts(args, parser)
     exit_kw = {"threshold": args.threshold, "min_layer": args.min_layer, "policy": args.policy}
     exit_kw |= {"draft": args.draft, "draft_len": args.draft_len}
@@ -135,16 +151,7 @@ def _generate(args, parser) -> int:
         ignore_eos=args.ignore_eos,
         exit=exit_cfg,
     )
-    engine_kw = {
-        "device": args.device,
-        "num_threads": args.threads,
-        "river_precision": args.river_precision,
-    }
-    if args.dtype:
-        import torch
-
-        engine_kw["dtype"] = getattr(torch, args.dtype)
-    engine = Engine(args.model, **{k: v for k, v in engine_kw.items() if v is not None})
+    engine = Engine(args.model, **engine_kw)
     depth = engine.model_config.num_layers
     if args.min_layer is not None and args.exit in ("river", "propagate", "mask", "lossless"):
         if args.min_layer >= depth:
@@ -312,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="--exit lossless: tokens drafted per verify pass (default: adaptive, up to 8)",
     )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument(
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tp",
+        type=_bounded(int, 1, what="an integer >= 1"),
+        default=1,
+        help="shard the model across this many processes (one per GPU; gloo on the CPU); "
+        "river starts the other ranks itself, or run it under torchrun (README)",
+    )
     g.add_argument(
         "--river-precision",
         type=precision_spec,

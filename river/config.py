@@ -181,6 +181,9 @@ class EngineConfig:
     # The op set (river.ops): None = "triton" on CUDA, "cpu" (the fast path) on CPU;
     # "reference" = the plain-PyTorch oracle ops (with dtype=torch.float32: the exact path).
     ops: str | None = None
+    # Ranks the model is sharded across (river.parallel): one process per device, rank 0 the
+    # engine's; 1 = no tensor parallelism.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -201,7 +204,13 @@ class EngineConfig:
             not isinstance(self.num_threads, int) or self.num_threads <= 0
         ):
             raise ConfigError(f"num_threads must be a positive integer, got {self.num_threads!r}")
-        for name in ("max_num_seqs", "kv_cache_tokens", "max_prefill_tokens", "river_group_size"):
+        for name in (
+            "max_num_seqs",
+            "kv_cache_tokens",
+            "max_prefill_tokens",
+            "river_group_size",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from river import parallel
 from river.checkpoint import load_config, load_weights, resolve_model_dir
 from river.config import EngineConfig
 from river.cpu import configure_threads, default_cpu_dtype
@@ -48,18 +49,61 @@ class Engine:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
         dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else default_cpu_dtype())
+        world = cfg.tensor_parallel_size
+        # Tensor parallelism (river.parallel): `group` is this process's rank when the group
+        # already exists (torchrun, or a rank this engine's rank 0 spawned); rank 0 of a lone
+        # process starts the other ranks below, once the model's caches are written.
+        group, procs = None, []
+        if world > 1:
+            if device.type == "cuda" and device.index is not None:
+                raise ConfigError(
+                    f"device {cfg.device!r}: with tensor_parallel_size > 1 rank r runs on "
+                    "cuda:r (cuda:LOCAL_RANK under torchrun); pass device='cuda'"
+                )
+            parallel.check_devices(world, device.type)
+            group = parallel.join(world, device.type)
+            if group is not None:
+                device = group.device
+                if group.rank != 0:
+                    group.barrier()  # rank 0 resolves the model (and converts it) first
         self.config, self.device, self.dtype = cfg, device, dtype
-        self.num_threads = configure_threads(cfg.num_threads) if device.type == "cpu" else None
+        self.num_threads = (
+            configure_threads(cfg.num_threads or parallel.threads_per_rank(world))
+            if device.type == "cpu"
+            else None
+        )
         self.model_dir = resolve_model_dir(model)
         self.model_config, _ = load_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         mc = self.model_config
+        parallel.check_shardable(mc, world)  # (the twins' groups: at ensure_river)
         self.max_model_len = min(
             cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
         weights = load_weights(self.model_dir, mc, dtype=dtype)
+        if world > 1 and group is None:
+            group, procs = parallel.launch(world, device.type, self.model_dir, cfg)
         try:
-            self.model = LlamaModel(mc, weights, device, dtype, self.max_model_len, ops=cfg.ops)
+            self._build(weights, group, procs)
+        except BaseException:
+            if procs:  # rank 0 failed after starting the others: stop them, leave the group
+                for p in procs:
+                    p.kill()
+                parallel.shutdown()
+            raise
+
+    def _build(self, weights, group, procs) -> None:
+        """The model (this rank's shard under tensor parallelism), its cache, scheduler and
+        runner; on ranks other than 0 this then serves rank 0 and never returns."""
+        cfg, mc, device, dtype = self.config, self.model_config, self.device, self.dtype
+        if group is not None:
+            if group.rank == 0:
+                group.barrier()  # the other ranks may load the model now
+            weights = parallel.shard_weights(weights, mc, group.rank, group.world)
+        try:
+            self.model = LlamaModel(
+                mc, weights, device, dtype, self.max_model_len, ops=cfg.ops, tp=group
+            )
         except ValueError as e:  # an op set the device cannot run
             raise ConfigError(str(e)) from e
         del weights
@@ -68,7 +112,7 @@ class Engine:
             mc.num_layers,
             num_blocks + 1,
             cfg.block_size,
-            mc.num_kv_heads,
+            self.model.local.num_kv_heads,  # this rank's KV heads
             mc.head_dim,
             dtype,
             device,
@@ -90,6 +134,35 @@ class Engine:
         # {(layer, unit): 4 | 8} once the river twins are attached (river.precision)
         self.river_bits: dict | None = None
         self.river_head_bits: int | None = None  # the head exited tokens read: 16 or 8
+        # rank 0 of a tensor-parallel group: the river.parallel.Leader that mirrors its model's
+        # and runner's calls on the other ranks (None: one process)
+        self.tp = None
+        if group is not None:
+            objects = {"model": self.model, "runner": self.runner, "kv": self.kv}
+            if group.rank != 0:
+                # This rank serves rank 0's calls until it closes, then the process ends:
+                # under torchrun the script's code after Engine(...) runs on rank 0 only.
+                parallel.serve(group, objects)
+                parallel.shutdown()
+                raise SystemExit(0)
+            self.tp = parallel.Leader(group, objects, procs)
+            self.model.mirror = self.runner.mirror = self.tp
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op with one process). The engine cannot
+        run steps after this."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------ river weights
     def ensure_river(self, progress: bool = True) -> None:
@@ -99,9 +172,21 @@ class Engine:
             return
         from river.twins import build_twins
 
+        if self.tp is not None:  # before the build: a 4-bit group may not straddle two ranks
+            parallel.check_shardable(self.model_config, self.tp.world, self.config.river_group_size)
         quantized, self.river_bits, head = build_twins(self, progress)
         self.river_head_bits = 16 if head is None else 8
-        self.model.attach_river(quantized, head=head)
+        if self.tp is None:
+            self.model.attach_river(quantized, head=head)
+        else:  # every rank gets its slice of the one-rank twins
+
+            def shard(rank):
+                part, part_head = parallel.shard_twins(
+                    quantized, head, self.model_config, rank, self.tp.world
+                )
+                return (part,), {"head": part_head}
+
+            self.tp.call_each("model", "attach_river", shard)
         self.runner.on_river_attached()
 
     def set_river_precision(self, spec: str) -> None:
@@ -119,8 +204,7 @@ class Engine:
             raise InvalidRequestError("set_river_precision: requests are still in flight")
         self.config = replace(self.config, river_precision=spec)
         if self.model.river is not None:
-            self.model.river = None
-            self.model.river_head = None
+            self.model.detach_river()
             self.river_bits = None
             self.ensure_river()
 
@@ -129,14 +213,7 @@ class Engine:
         error: a few seconds for the default model; not cached on disk)."""
         if self.model.draft_head is not None:
             return
-        from river.quantize import quantize_w4
-
-        head = self.model.lm_head.float().cpu()
-        self.model.attach_draft_head(
-            quantize_w4(
-                head, group_size=self.config.river_group_size, method=self.config.river_method
-            )
-        )
+        self.model.build_draft_head(self.config.river_group_size, self.config.river_method)
 
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:

@@ -4,6 +4,11 @@ Prefill runs the bf16 backbone over a ragged batch of new tokens. Decode runs on
 through a per-layer loop in which each row is either in the backbone or past its exit; both
 weight sets run over the whole batch under device-side row masks, so which row takes which path
 is decided and consumed on the device.
+
+Under tensor parallelism (river.parallel) each rank builds this model from its shard of the
+weights: its heads, MLP channels and vocabulary rows. The forward is the same code with three
+collectives: the embedding lookup and the o / down products are all-reduced, the logits
+all-gathered; everything else (norms, the exit rule) runs on the replicated residual stream.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from river.config import FUSED, ModelConfig, rope_tables
 from river.exits import AFTER_MASK, AFTER_PROPAGATE, AFTER_RIVER, ExitParams, exit_decision
 from river.kv_cache import KVCache
 from river.ops import get_ops
+from river.parallel import local_config, mirrored, pad_rows
 
 
 @dataclass
@@ -43,10 +49,19 @@ class ForwardBatch:
 
 class LlamaModel:
     def __init__(
-        self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int, ops=None
-    ):
-        """ops: the op set (river.ops: "reference", "cpu" or "triton"; None = the device's)."""
+        self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int, ops=None,
+        tp=None,
+    ):  # fmt: skip
+        """ops: the op set (river.ops: "reference", "cpu" or "triton"; None = the device's).
+        tp: this rank's river.parallel.Group, with `weights` its shard (river.parallel's
+        shard_weights); None: one process, all of the model."""
         self.cfg = cfg
+        self.tp = tp
+        # the dimensions this rank computes (all of them without tensor parallelism)
+        self.local = local_config(cfg, tp.world if tp is not None else 1)
+        self.vocab_start = 0 if tp is None else tp.rank * self.local.vocab_size
+        self.mirror = None  # rank 0's river.parallel.Leader under tensor parallelism
+        self.trace: list | None = None  # decode's residual after every layer, if tracing
         self.device = torch.device(device)
         self.dtype = dtype
         self.ops = get_ops(self.device, ops)
@@ -88,6 +103,29 @@ class LlamaModel:
                 pass
         w = w.to(device=self.device, dtype=self.dtype)
         return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
+
+    @mirrored("model")
+    def build_draft_head(self, group_size: int, method: str) -> None:
+        """Quantize this rank's LM head rows to the 4-bit draft head (lossless drafts; plain
+        weight error). Under tensor parallelism each rank quantizes its own vocabulary rows."""
+        from river.quantize import quantize_w4
+
+        real = min(self.local.vocab_size, self.cfg.vocab_size - self.vocab_start)
+        head = self.lm_head[:real].float().cpu()  # the zero padding past V is not quantized
+        q = quantize_w4(head, group_size=group_size, method=method)
+        self.attach_draft_head(pad_rows(q, self.local.vocab_size - real))
+
+    @mirrored("model")
+    def trace_residual(self, on: bool = True) -> None:
+        """Keep decode's residual stream after every layer in `trace` (tests: under tensor
+        parallelism every rank must hold the same bits, since the exit rule reads it)."""
+        self.trace = [] if on else None
+
+    @mirrored("model")
+    def detach_river(self) -> None:
+        """Drop the river twins and the river head (before attaching another precision)."""
+        self.river = None
+        self.river_head = None
 
     def attach_draft_head(self, quantized) -> None:
         """The 4-bit LM head lossless drafts use (ExitParams.draft_head): a draft token then
@@ -131,6 +169,7 @@ class LlamaModel:
         ]
 
     # ------------------------------------------------------------------ prefill
+    @mirrored("model")
     @torch.inference_mode()
     def prefill(
         self,
@@ -152,8 +191,8 @@ class LlamaModel:
         """
         if twins_from is not None and twins_from < self.cfg.num_layers and self.river is None:
             raise RuntimeError("prefill(twins_from=...) needs the river twins attached")
-        ops, cfg = self.ops, self.cfg
-        h = self.embed[batch.input_ids]  # [T, H]
+        ops, cfg, lc = self.ops, self.cfg, self.local
+        h = self._embed(batch.input_ids)  # [T, H]
         residual = None
         block, offset = _block_offset(batch.slot_mapping, kv.block_size)
         kv.valid[:, block, offset] = kv.true  # a KV-masked request may have left holes here
@@ -170,8 +209,8 @@ class LlamaModel:
                 kv.k[n],
                 kv.v[n],
                 batch.slot_mapping,
-                cfg.num_heads,
-                cfg.num_kv_heads,
+                lc.num_heads,
+                lc.num_kv_heads,
             )
             a = ops.prefill_attention(
                 q,
@@ -184,10 +223,10 @@ class LlamaModel:
                 max_seqlen=batch.max_seqlen,
             )
             a = a.reshape(a.shape[0], -1)
-            h = ops.linear(a, w.o)
+            h = self._reduce(ops.linear(a, w.o))
             x2, residual = ops.rms_norm(h, self.post_norms[n], cfg.rms_norm_eps, residual)
             act = ops.gate_up_silu(x2, w.gate_up)
-            h = ops.linear(act, w.down)
+            h = self._reduce(ops.linear(act, w.down))
             if observe is not None:
                 for name, t in (("qkv", x), ("o", a), ("gate_up", x2), ("down", act)):
                     observe(n, name, t)
@@ -198,9 +237,10 @@ class LlamaModel:
         head = self.lm_head
         if twins_from is not None and twins_from < cfg.num_layers and self.river_head is not None:
             head = self.river_head  # as decode: a token that left the backbone
-        return ops.linear(x, head).float()
+        return self._gather(ops.linear(x, head)).float()
 
     # ------------------------------------------------------------------ decode
+    @mirrored("model")
     @torch.inference_mode()
     def decode(
         self, batch: ForwardBatch, kv: KVCache, exits: ExitParams, active=None, scratch=None
@@ -213,20 +253,20 @@ class LlamaModel:
         that a captured graph never allocates; None: the ops allocate what they need.
         Returns (logits float32 [B, V], backbone layers used int32 [B]). No host sync inside.
         """
-        ops, cfg = self.ops, self.cfg
+        ops, cfg, lc = self.ops, self.cfg, self.local
         b = batch.input_ids.shape[0]
         dev = self.device
         if active is None:
             active = torch.ones(b, dtype=torch.bool, device=dev)
-        h = self.embed[batch.input_ids]  # [B, H] residual stream
+        h = self._embed(batch.input_ids)  # [B, H] residual stream
         exited = exits.start_exited & active
         used = torch.zeros(b, dtype=torch.int32, device=dev)
         use_river = exits.uses_river and self.river is not None
         if exits.uses_river and self.river is None:
             raise RuntimeError("a request uses the river but no river weights are attached")
-        q = torch.zeros(b, cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=dev)
+        q = torch.zeros(b, lc.num_heads, cfg.head_dim, dtype=self.dtype, device=dev)
         a_out = torch.zeros(b, cfg.hidden_size, dtype=self.dtype, device=dev)
-        mlp = torch.zeros(b, cfg.intermediate_size, dtype=self.dtype, device=dev)
+        mlp = torch.zeros(b, lc.intermediate_size, dtype=self.dtype, device=dev)
         block, offset = _block_offset(batch.slot_mapping, kv.block_size)
         # The slot may last have been left as a hole by a KV-masked request: mark it written in
         # every layer once, and let KV masking punch its holes below.
@@ -249,7 +289,7 @@ class LlamaModel:
                 if on:
                     ops.qkv_rope_store(
                         x, weights.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
-                        batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, row_mask=rows,
+                        batch.slot_mapping, lc.num_heads, lc.num_kv_heads, row_mask=rows,
                         q_out=q,
                     )  # fmt: skip
             if exits.uses_kv_mask:
@@ -268,26 +308,47 @@ class LlamaModel:
             ).reshape(b, -1)
             paths = ((w, bb, backbone_on), (rw, rv, use_river))
             _two_path(ops.linear, a, "o", paths, a_out)
-            h_mid = h + a_out
+            h_mid = h + self._reduce(a_out)
             x, _ = ops.rms_norm(h_mid, self.post_norms[n], cfg.rms_norm_eps)
             _two_path(ops.gate_up_silu, x, "gate_up", paths, mlp)
             _two_path(ops.linear, mlp, "down", paths, a_out)
+            self._reduce(a_out)
             h_new = torch.where(computing.unsqueeze(1), h_mid + a_out, h)
             used += bb.int()
             if exits.may_exit and n + 1 < cfg.num_layers and (until is None or n < until):
                 exited = exited | exit_decision(n, h, h_new, bb, exits)
             h = h_new
+            if self.trace is not None:
+                self.trace.append(h.clone())
         x, _ = ops.rms_norm(h, self.norm, cfg.rms_norm_eps)
         if exits.draft_head and self.draft_head is not None:
-            return ops.linear(x, self.draft_head).float(), used
+            return self._gather(ops.linear(x, self.draft_head)).float(), used
         if use_river and exits.river_head and self.river_head is not None:
             # rows on the river path read the head's twin, the others the bf16 head
             on_river = active & exited & (exits.after == AFTER_RIVER)
-            logits = torch.zeros(b, cfg.vocab_size, dtype=self.dtype, device=dev)
+            logits = torch.zeros(b, lc.vocab_size, dtype=self.dtype, device=dev)
             ops.linear(x, self.lm_head, row_mask=~on_river, out=logits)
             ops.linear(x, self.river_head, row_mask=on_river, out=logits)
-            return logits.float(), used
-        return ops.linear(x, self.lm_head).float(), used
+            return self._gather(logits).float(), used
+        return self._gather(ops.linear(x, self.lm_head)).float(), used
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def _embed(self, ids):
+        """[T, H] rows of the embedding; a rank holds V/N of them, the others add zeros."""
+        if self.tp is None:
+            return self.embed[ids]
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.local.vocab_size)
+        h = self.embed[local.clamp(0, self.local.vocab_size - 1)]
+        return self.tp.all_reduce(torch.where(mine.unsqueeze(1), h, torch.zeros_like(h)))
+
+    def _reduce(self, partial):
+        """The o / down product: a partial sum on each rank, summed in place."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
+
+    def _gather(self, logits):
+        """[..., V/N] logits of this rank's vocabulary rows -> [..., V]."""
+        return logits if self.tp is None else self.tp.gather_vocab(logits, self.cfg.vocab_size)
 
 
 def _two_path(op, x, name, paths, out):

@@ -27,6 +27,7 @@ from river.exits import ExitParams
 from river.graphs import DecodeGraphRunner
 from river.kv_cache import blocks_needed, pad_block_tables, slots_for
 from river.model import ForwardBatch
+from river.parallel import mirrored
 
 _RING = 4  # readback slots: at most a prefill and a decode are in flight per step, two steps
 
@@ -60,12 +61,15 @@ class ModelRunner:
         self._events = [torch.cuda.Event() for _ in range(_RING)] if cuda else None
         self._next_slot = 0
         self.num_decode_steps = 0  # steps launched; a row's board slot is valid for one step
+        self.mirror = None  # rank 0's river.parallel.Leader under tensor parallelism
+        self.exit_log: list | None = None  # backbone layers of every decode step, if recording
 
     @property
     def hist(self) -> torch.Tensor:
         """int64 [L + 1] on the device: decode row-steps per number of backbone layers."""
         return self.decode.hist
 
+    @mirrored("runner")
     def on_river_attached(self) -> None:
         if self.decode.use_graphs:
             self.decode.capture()  # the graphs must hold the river's kernels too
@@ -90,23 +94,33 @@ class ModelRunner:
         """Prefill `reqs` (eager) and sample the first token of reqs[i] for i in `fresh` on
         the device, into board slot R + j for the j-th of them. (The others are preempted
         requests whose cache was recomputed: their next token is already known.)"""
+        rows = [reqs[i] for i in fresh]
+        greedy = all(r.params.temperature == 0 for r in rows)
+        # (greedy rows skip the sampler's vocabulary sort)
+        sampling = None if greedy else sampling_tensors(rows, [0] * len(rows), "cpu")
+        tokens = self.prefill_tokens(batch, fresh, len(reqs), sampling)
+        if tokens is None:
+            return None
+        return self._readback(rows, tokens, None, self.model.cfg.num_layers)
+
+    @mirrored("runner")
+    def prefill_tokens(self, batch: ForwardBatch, fresh: list[int], n: int, sampling):
+        """The device half of prefill(): the forward over n sequences, then the first tokens
+        of those in `fresh` sampled (argmax when `sampling` is None) onto the board."""
         logits = self.model.prefill(batch, self.kv)
         if not fresh:
             return None
-        rows = [reqs[i] for i in fresh]
-        if len(fresh) != len(reqs):
+        if len(fresh) != n:
             logits = logits[torch.tensor(fresh, device=logits.device)]
-        tokens = self._sample_eager(logits, rows)
-        self.decode.board[self.rows : self.rows + len(rows)].copy_(tokens)
-        return self._readback(rows, tokens, None, self.model.cfg.num_layers)
-
-    def _sample_eager(self, logits, reqs):
-        if all(r.params.temperature == 0 for r in reqs):
-            return logits.argmax(-1)  # skip the sampler's vocabulary sort
-        p = sampling_tensors(reqs, [0] * len(reqs), self.device)
-        return self.model.ops.sample(
-            logits, p["temperature"], p["top_k"], p["top_p"], p["seed"], p["offset"]
-        )
+        if sampling is None:
+            tokens = logits.argmax(-1)
+        else:
+            p = {k: v.to(self.device) for k, v in sampling.items()}
+            tokens = self.model.ops.sample(
+                logits, p["temperature"], p["top_k"], p["top_p"], p["seed"], p["offset"]
+            )
+        self.decode.board[self.rows : self.rows + len(fresh)].copy_(tokens)
+        return tokens
 
     def decode_step(self, reqs, sources: list[int], host_tokens: list[int]):
         """One decode step over `reqs` (each has `scheduled` tokens so far). sources[i] is the
@@ -126,9 +140,24 @@ class ModelRunner:
         sampling["src_index"] = torch.tensor(sources, dtype=torch.int64)
         sampling["host_tokens"] = torch.tensor(host_tokens, dtype=torch.int64)
         greedy = all(r.params.temperature == 0 for r in reqs)
-        tokens, used = self.decode.run(batch, exits, None, sampling, greedy)
+        tokens, used = self.decode_tokens(batch, exits, sampling, greedy)
         self.num_decode_steps += 1
         return self._readback(reqs, tokens, used, None)
+
+    @mirrored("runner")
+    def decode_tokens(self, batch: ForwardBatch, exits: ExitParams, sampling: dict, greedy):
+        """The device half of decode_step(): one step, its tokens written to the board.
+        Returns (tokens, backbone layers used), views valid until the next step."""
+        tokens, used = self.decode.run(batch, exits, None, sampling, greedy)
+        if self.exit_log is not None:
+            self.exit_log.append(used.tolist())
+        return tokens, used
+
+    @mirrored("runner")
+    def record_exits(self, on: bool = True) -> None:
+        """Keep every decode step's backbone layers per row in `exit_log` (a host read per
+        step: tests compare the ranks' exit decisions with it)."""
+        self.exit_log = [] if on else None
 
     # ------------------------------------------------------------------ collect
     def collect(self, launched: Launched) -> tuple[list[int], list[int]]:

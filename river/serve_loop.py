@@ -300,6 +300,9 @@ class EngineLoop:
                 events.append((cmd[1], JobEvent("error", error=err)))
         self._publish(engine, time.perf_counter(), hist=True)
         _post(events)
+        close = getattr(engine, "close", None)  # (test doubles may have none)
+        if close is not None:
+            close()  # the other tensor-parallel ranks, if any
 
 
 def unavailable(engine_loop: EngineLoop) -> APIError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
@@ -173,6 +174,15 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg("--min-layer", type=int, help="default backbone layers before exit")
     arg("--policy", choices=EXIT_POLICIES, help="default exit policy")
     arg("--max-num-seqs", type=int, default=64, help="rows in one decode batch (default 64)")
+    arg(
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tp",
+        type=int,
+        default=1,
+        help="shard the model across this many processes (one per GPU; gloo on the CPU); "
+        "the server starts the other ranks itself, or run under torchrun (README)",
+    )
     from river.cli import precision_spec
 
     arg(
@@ -210,7 +220,11 @@ def config_from_args(args) -> ServerConfig:
     for name in ("threshold", "min_layer", "policy"):
         if getattr(args, name) is not None:
             exit_kw[name] = getattr(args, name)
-    engine_kw = {"device": args.device, "max_num_seqs": args.max_num_seqs}
+    engine_kw = {
+        "device": args.device,
+        "max_num_seqs": args.max_num_seqs,
+        "tensor_parallel_size": args.tp,
+    }
     if args.river_precision is not None:
         engine_kw["river_precision"] = args.river_precision
     if args.kv_cache_tokens is not None:
@@ -233,6 +247,12 @@ def run_serve(args) -> int:
     except ValueError as e:
         print(f"river serve: error: {e}", file=sys.stderr)
         return 2
+    if config.engine.tensor_parallel_size > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun's rank 1..: no HTTP server here; this Engine serves rank 0's steps and ends
+        # the process when rank 0 closes (river.parallel)
+        from river.engine import Engine
+
+        Engine(config.model, config.engine)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s")
     holder = {}
 

@@ -54,7 +54,8 @@ def build_twins(engine, progress: bool = True):
         # engine measures them with an fp32 model (`ops`: "reference" for the importance
         # statistics, as they were always measured; "cpu", dense fp32 matmuls and ~3x faster,
         # for the 120 passes of the sensitivities).
-        if engine.device.type != "cpu" or engine.dtype == torch.float32:
+        # (a tensor-parallel engine's model is one rank's shard: measure on a whole model)
+        if engine.tp is None and (engine.device.type != "cpu" or engine.dtype == torch.float32):
             return engine.model
         if ops not in fp32_models:
             fp32_models[ops] = LlamaModel(
@@ -126,5 +127,6 @@ def build_twins(engine, progress: bool = True):
     if precision.head_bits == 8:
         from river.w8 import quantize_w8
 
-        head = quantize_w8(engine.model.lm_head.float().cpu())
+        # the head as the engine holds it (its dtype), whole even when the engine is sharded
+        head = quantize_w8(weights["lm_head"].to(engine.dtype).float())
     return select(bits, twins), bits, head

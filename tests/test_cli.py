@@ -147,6 +147,8 @@ def test_prompt_from_stdin_and_file(tiny_dir, tmp_path, capsys, monkeypatch):
         (("--prompt-file", "/nonexistent/prompt.txt"), "--prompt-file"),
         (("--river-precision", "mix:3"), "--river-precision"),
         (("--river-precision", "w5"), "--river-precision"),
+        (("--tp", "0"), "--tp"),
+        (("--tp", "3"), "tensor_parallel_size=3 does not divide the model's 2 KV heads"),
     ],
 )
 def test_bad_flag_is_one_line_and_status_2(tiny_dir, args, flag, capsys):

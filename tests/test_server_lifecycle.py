@@ -129,6 +129,9 @@ def test_serve_parser():
     assert cfg.engine.river_precision == EngineConfig().river_precision
     args = p.parse_args(["serve", "--river-precision", "mix:0.4"])
     assert config_from_args(args).engine.river_precision == "mix:0.4"
+    assert config_from_args(args).engine.tensor_parallel_size == 1
+    args = p.parse_args(["serve", "--tp", "2"])
+    assert config_from_args(args).engine.tensor_parallel_size == 2
     args = p.parse_args(["serve"])
     assert args.model is None and args.host == "127.0.0.1" and args.port == 8000
 
