@@ -34,6 +34,7 @@ import functools
 import io
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -339,6 +340,9 @@ def launch(world: int, device_type: str, model_dir, config) -> tuple[Group, list
 def _worker_main() -> None:
     """A rank launch() started: join the group, then build the Engine, which serves rank 0
     until it closes (Engine.__init__ does not return on ranks other than 0)."""
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 handles it (its shutdown
+    # tells this rank to stop; if it dies instead, the group's sockets close under this rank)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank = int(os.environ.pop("RIVER_TP_RANK"))
     world, init, device_type, model_dir, config = pickle.loads(
         base64.b64decode(os.environ.pop("RIVER_TP_SPEC"))
