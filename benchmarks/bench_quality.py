@@ -67,6 +67,11 @@ def parse_args(argv=None):
     )
     arguments.add_list(p, "--min-layers", "min_layer values", "4", int)
     arguments.add_list(
+        p, "--update-thresholds",
+        "thresholds of the relative-update rule (river rows exiting when ||out - in|| / ||out||"
+        " < t: ExitConfig(signal='update')), swept with --min-layers", None, float, note="none",
+    )  # fmt: skip
+    arguments.add_list(
         p, "--static-splits",
         "static-split baselines (every token runs k bf16 layers, the rest twins; scored "
         "through the decode path like the river rows)", None, int, note="none",
@@ -113,15 +118,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def key_of(mode, threshold, min_layer, precision=None):
+def key_of(mode, threshold, min_layer, precision=None, signal="cosine"):
     """A row's identity; rows of modes that never read the twins have no precision."""
     if mode in ("full", "propagate", "mask"):
         precision = None
-    return f"{mode}|{threshold}|{min_layer}|{precision}"
+    key = f"{mode}|{threshold}|{min_layer}|{precision}"
+    return key if signal == "cosine" else f"{key}|{signal}"
 
 
 def row_key(r):
-    return key_of(r["mode"], r["threshold"], r["min_layer"], r.get("precision", "w4"))
+    return key_of(
+        r["mode"], r["threshold"], r["min_layer"], r.get("precision", "w4"),
+        r.get("signal", "cosine"),
+    )  # fmt: skip
 
 
 def bootstrap_se(per_seq, full_per_seq, draws=1000, seed=0):
@@ -187,12 +196,13 @@ def choose_default(rows, max_bytes):
     return max(cands, key=lambda r: (r["top1_agree"], -r["ppl"])) if cands else None
 
 
-def exit_of(mode, thr, ml):
+def exit_of(mode, thr, ml, signal="cosine"):
     from river import ExitConfig
 
     if mode == "static":  # every token leaves the backbone after exactly min_layer layers
         return ExitConfig("river", threshold=-1.0, min_layer=ml)
-    return ExitConfig(mode, **({} if thr is None else {"threshold": thr, "min_layer": ml}))
+    kw = {} if thr is None else {"threshold": thr, "min_layer": ml, "signal": signal}
+    return ExitConfig(mode, **kw)
 
 
 def main(argv=None):
@@ -294,21 +304,23 @@ def main(argv=None):
     }
     for precision in precisions:
         engine.set_river_precision(precision)
-        configs = [("w4", None, None)]
-        configs += [("static", -1.0, k) for k in args.static_splits or []]
+        configs = [("w4", None, None, "cosine")]
+        configs += [("static", -1.0, k, "cosine") for k in args.static_splits or []]
         for mode in args.sweep_modes:
             for ml in args.min_layers:
                 for thr in args.thresholds if mode == "river" else args.baseline_thresholds:
-                    configs.append((mode, thr, ml))
-        for mode, thr, ml in configs:
-            k = key_of(mode, thr, ml, precision)
+                    configs.append((mode, thr, ml, "cosine"))
+        for ml in args.min_layers:
+            configs += [("river", thr, ml, "update") for thr in args.update_thresholds or []]
+        for mode, thr, ml, signal in configs:
+            k = key_of(mode, thr, ml, precision, signal)
             if k in old and "ppl" in old[k] and "bytes_8b" in old[k] and not args.rescore:
                 rows[k] = old[k]
                 continue
             if k in rows:
                 continue  # a twin-free mode already scored at another precision
             r, _, layers, _ = teacher_forced(
-                engine, pairs, exit_of(mode, thr, ml), full_top1, full_lps
+                engine, pairs, exit_of(mode, thr, ml, signal), full_top1, full_lps
             )
             engine.ensure_river(progress=False)
             bits = engine.river_bits if mode not in ("full", "propagate", "mask") else None
@@ -317,13 +329,14 @@ def main(argv=None):
                 "threshold": thr,
                 "min_layer": ml,
                 "precision": precision if bits is not None else None,
+                **({"signal": signal} if mode == "river" else {}),
                 **r,
                 **front.bytes_fields(engine, layers, bits),
                 "pass_at_1": None,
                 "run": this_run,
             }
             print(
-                f"{mode:9s} {precision} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
+                f"{mode:9s} {precision} {signal} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
                 f"(+-{100 * r['ppl_rel_se']:.2f}%) agree {r['top1_agree']:.3f} "
                 f"(+-{r['top1_agree_se']:.3f}) layers {r['backbone_layers']:.2f} "
                 f"bytes@8B {rows[k]['bytes_8b']:.3f}",

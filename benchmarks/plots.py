@@ -93,7 +93,22 @@ def quality_pareto(rows, num_layers, path, oracle=None):
                         [r[bx] for r in static], [y_of(r, key) for r in static], "s-", color=c,
                         alpha=0.6, label=f"{prec}: static split (w4 = 0 layers)",
                     )  # fmt: skip
-                river = sorted([r for r in mine if r["mode"] == "river"], key=lambda r: r[bx])
+                river = sorted(
+                    [
+                        r
+                        for r in mine
+                        if r["mode"] == "river" and r.get("signal", "cosine") == "cosine"
+                    ],
+                    key=lambda r: r[bx],
+                )
+                update = sorted(
+                    [r for r in mine if r.get("signal") == "update"], key=lambda r: r[bx]
+                )
+                if update:
+                    ax.plot(
+                        [r[bx] for r in update], [y_of(r, key) for r in update], "s", color=c,
+                        ms=6, mfc="none", label=f"{prec}: river (update-norm rule)",
+                    )  # fmt: skip
                 if river:
                     ax.plot(
                         [r[bx] for r in river], [y_of(r, key) for r in river], "o", color=c,

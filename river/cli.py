@@ -139,6 +139,7 @@ def _generate(args, parser) -> int:
         Engine(args.model, **engine_kw)
     prompts = _read_prompts(args, parser)
     exit_kw = {"threshold": args.threshold, "min_layer": args.min_layer, "policy": args.policy}
+    exit_kw["signal"] = args.signal
     exit_kw |= {"draft": args.draft, "draft_len": args.draft_len}
     exit_cfg = ExitConfig(args.exit, **{k: v for k, v in exit_kw.items() if v is not None})
     params = SamplingParams(
@@ -291,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=_bounded(float, -1.0, 1.0, what="a cosine in [-1, 1]"),
         default=None,
-        help="exit cosine threshold (default -1: every token exits at --min-layer, a static "
-        "split; the paper's rule: 0.96 with --min-layer 4)",
+        help="exit threshold, a cosine (default -1: every token exits at --min-layer, a static "
+        "split; the paper's rule: 0.96 with --min-layer 4; with --signal update, the update norm)",
     )
     g.add_argument(
         "--min-layer",
@@ -305,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("per_row", "batch_min"),
         default=None,
         help="per_row (default): each sequence exits on its own; batch_min: the paper's rule",
+    )
+    g.add_argument(
+        "--signal",
+        choices=("cosine", "update"),
+        default=None,
+        help="what --threshold is compared with: cosine (default, the paper's: exit when "
+        "cos(layer in, out) > threshold) or update (exit when ||out - in|| / ||out|| < "
+        "threshold)",
     )
     g.add_argument(
         "--draft",

@@ -35,6 +35,7 @@ _LAYOUT = (
     ("start_exited", torch.bool),
     ("after", torch.int8),
     ("batch_min", torch.bool),
+    ("signal", torch.int8),
     ("src_index", torch.int64),
     ("host_tokens", torch.int64),
     ("temperature", torch.float32),
@@ -44,7 +45,7 @@ _LAYOUT = (
     ("offset", torch.int64),
 )
 _BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens")
-_EXIT_FIELDS = ("threshold", "min_layer", "start_exited", "after", "batch_min")
+_EXIT_FIELDS = ("threshold", "min_layer", "start_exited", "after", "batch_min", "signal")
 # The fields of a sampling step (sampler=True): where each row's input token comes from, and
 # the row's sampling settings.
 SAMPLING_FIELDS = ("src_index", "host_tokens", "temperature", "top_k", "top_p", "seed", "offset")
@@ -66,7 +67,8 @@ class DecodeInputs:
     active: torch.Tensor  # bool [R]: False on padding rows
     start_exited: torch.Tensor  # bool [R]
     after: torch.Tensor  # int8 [R]
-    batch_min: torch.Tensor  # bool [R]   ... to here (but active)
+    batch_min: torch.Tensor  # bool [R]
+    signal: torch.Tensor  # int8 [R]   ... to here (but active)
     # Sampling steps: the input token of row r is board[src_index[r]] of the runner's token
     # board, or host_tokens[r] where src_index[r] < 0 (a token the host knows, e.g. after a
     # preempted request was recomputed); then the row's sampling settings.
@@ -152,6 +154,7 @@ class DecodeInputs:
         self.start_exited[rows].fill_(False)
         self.after[rows].fill_(AFTER_RIVER)
         self.batch_min[rows].fill_(False)
+        self.signal[rows].fill_(0)
         self.src_index[rows].fill_(-1)
         self.host_tokens[rows].fill_(0)
         self.temperature[rows].fill_(0.0)

@@ -15,6 +15,11 @@ from river.errors import InvalidRequestError
 MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
 DRAFTS = ("river", "w4")  # what drafts in lossless mode
 POLICIES = ("per_row", "batch_min")
+# What the exit rule measures at each layer (the `signal` code of ExitParams): the paper's
+# cosine between the layer's input and output, or the layer's relative update
+# ||out - in|| / ||out|| (exit when small).
+SIGNALS = ("cosine", "update")
+SIGNAL_COSINE, SIGNAL_UPDATE = 0, 1
 
 # What an exited row does in the layers it skips (the `after` code of ExitParams).
 AFTER_RIVER, AFTER_PROPAGATE, AFTER_MASK = 0, 1, 2
@@ -34,6 +39,8 @@ class ExitConfig:
     min_layer: backbone layers a token runs before it may exit.
     policy: "per_row" (each sequence exits on its own) or "batch_min" (the paper: a layer exits
       only when every batch_min row still in the backbone passes).
+    signal: "cosine" (the paper: exit when cos(in, out) > threshold) or "update" (exit when the
+      layer's relative update ||out - in|| / ||out|| < threshold, a threshold in [0, 2]).
     draft: lossless only: "w4" (every layer in its twin, default) or "river" (the exit above)
       drafts.
     draft_len: lossless only: tokens drafted per verify pass; None adapts it per request
@@ -57,6 +64,7 @@ class ExitConfig:
     draft_len: int | None = None
     max_draft_len: int = 8
     draft_head: str = "w4"
+    signal: str = "cosine"  # (last: callers pass the fields above positionally)
 
     def __post_init__(self):
         # InvalidRequestError is also a ValueError: callers catching either keep working.
@@ -66,13 +74,19 @@ class ExitConfig:
             raise InvalidRequestError(
                 f"ExitConfig: policy must be one of {POLICIES}, got {self.policy!r}"
             )
+        if self.signal not in SIGNALS:
+            raise InvalidRequestError(
+                f"ExitConfig: signal must be one of {SIGNALS}, got {self.signal!r}"
+            )
+        lo, hi = (-1.0, 1.0) if self.signal == "cosine" else (0.0, 2.0)
         if (
             isinstance(self.threshold, bool)
             or not isinstance(self.threshold, (int, float))
-            or not -1.0 <= self.threshold <= 1.0
+            or not lo <= self.threshold <= hi
         ):
+            what = "a cosine" if self.signal == "cosine" else "a relative update norm"
             raise InvalidRequestError(
-                f"ExitConfig: threshold is a cosine in [-1, 1], got {self.threshold!r}"
+                f"ExitConfig: threshold is {what} in [{lo:g}, {hi:g}], got {self.threshold!r}"
             )
         if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int):
             raise InvalidRequestError(
@@ -99,7 +113,9 @@ class ExitConfig:
 
     def draft_config(self) -> ExitConfig:
         """The exit the drafts of a lossless request run with."""
-        return ExitConfig(self.draft, self.threshold, self.min_layer, self.policy)
+        return ExitConfig(
+            self.draft, self.threshold, self.min_layer, self.policy, signal=self.signal
+        )
 
     def check_depth(self, num_layers: int) -> None:
         """Refuse a min_layer the model cannot honour (it would silently behave like `full`)."""
@@ -130,6 +146,7 @@ class ExitParams:
     start_exited: torch.Tensor  # bool [B]: w4 rows are in the river from layer 0
     after: torch.Tensor  # int8 [B]: AFTER_* code
     batch_min: torch.Tensor  # bool [B]
+    signal: torch.Tensor  # int8 [B]: SIGNAL_* code
     uses_backbone: bool
     uses_river: bool
     uses_kv_mask: bool
@@ -145,6 +162,9 @@ class ExitParams:
     # static-split river, threshold <= -1), or None. The CPU path then skips the backbone's
     # ops and the exit decision from there on; a captured graph leaves it None.
     backbone_until: int | None = None
+    # Host-side: some row exits on the relative update (else only the cosine is computed,
+    # which only matters on the CPU); a captured graph computes both.
+    uses_update: bool = True
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:
@@ -153,13 +173,18 @@ class ExitParams:
         inf = float("inf")
         # threshold <= -1 is a static split: every row exits at min_layer (-inf: any finite
         # cosine passes, so the rule and the host-side backbone_until below agree)
+        # the update signal passes when 1 - ||out - in|| / ||out|| > 1 - threshold
         thr = [
-            (-inf if c.threshold <= -1 else c.threshold)
+            (1.0 - c.threshold if c.signal == "update" else c.threshold)
             if c.mode in ("river", "propagate", "mask")
             else inf
             for c in configs
         ]
-        static = all(c.mode == "w4" or (c.mode == "river" and c.threshold <= -1) for c in configs)
+        thr = [-inf if t <= -1 else t for t in thr]
+        static = all(
+            c.mode == "w4" or (c.mode == "river" and c.signal == "cosine" and c.threshold <= -1)
+            for c in configs
+        )
         until = None
         if static and configs:
             until = max(0 if c.mode == "w4" else max(c.min_layer, 1) for c in configs)
@@ -178,11 +203,17 @@ class ExitParams:
             start_exited=torch.tensor([c.mode == "w4" for c in configs], device=device),
             after=torch.tensor([after[c.mode] for c in configs], dtype=torch.int8, device=device),
             batch_min=torch.tensor([c.policy == "batch_min" for c in configs], device=device),
+            signal=torch.tensor(
+                [SIGNAL_UPDATE if c.signal == "update" else SIGNAL_COSINE for c in configs],
+                dtype=torch.int8,
+                device=device,
+            ),
             uses_backbone=any(c.mode != "w4" for c in configs),
             uses_river=any(c.mode in ("w4", "river") for c in configs),
             uses_kv_mask=any(c.mode == "mask" for c in configs),
             may_exit=any(c.mode in ("river", "propagate", "mask") for c in configs),
             backbone_until=until,
+            uses_update=any(c.signal == "update" for c in configs),
         )
 
 
@@ -192,7 +223,12 @@ def exit_decision(layer: int, h_in, h_out, in_backbone, params: ExitParams):
     h_in, h_out: [B, H] residual stream before and after the layer. Returns bool [B].
     """
     cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-    passed = (cos > params.threshold) & (params.min_layer <= layer + 1) & in_backbone
+    score = cos
+    if params.uses_update:
+        out = h_out.float()
+        update = (out - h_in.float()).norm(dim=-1) / out.norm(dim=-1).clamp_min(1e-12)
+        score = torch.where(params.signal == SIGNAL_UPDATE, 1.0 - update, cos)
+    passed = (score > params.threshold) & (params.min_layer <= layer + 1) & in_backbone
     # batch_min: the layer is an exit for the batch_min rows only if all of them still in the
     # backbone pass; rows not in that set count as passing.
     group = in_backbone & params.batch_min

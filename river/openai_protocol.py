@@ -113,7 +113,7 @@ def _get_bool(body, name, default=False):
 def parse_exit(value, default: ExitConfig) -> ExitConfig:
     """The `exit` extra field: a mode string, or an object whose missing fields come from the
     server default. Raises APIError(400, param="exit") for anything ExitConfig refuses."""
-    from river.exits import MODES, POLICIES, ExitConfig
+    from river.exits import MODES, POLICIES, SIGNALS, ExitConfig
 
     if value is None:
         return default
@@ -121,7 +121,7 @@ def parse_exit(value, default: ExitConfig) -> ExitConfig:
         value = {"mode": value}
     if not isinstance(value, dict):
         raise bad(f"'exit' must be an object or a mode string, got {value!r}", "exit")
-    fields = ("mode", "threshold", "min_layer", "policy", "draft", "draft_len")
+    fields = ("mode", "threshold", "min_layer", "policy", "draft", "draft_len", "signal")
     unknown = set(value) - set(fields)
     if unknown:
         raise bad(
@@ -143,8 +143,13 @@ def parse_exit(value, default: ExitConfig) -> ExitConfig:
     draft_len = value.get("draft_len", default.draft_len)
     if draft_len is not None and not _is_int(draft_len):
         raise bad(f"'exit.draft_len' must be an integer, got {draft_len!r}", "exit.draft_len")
+    signal = value.get("signal", default.signal)
+    if signal not in SIGNALS:
+        raise bad(f"unknown exit signal {signal!r}; signals are {', '.join(SIGNALS)}", "exit")
     try:
-        return ExitConfig(mode, float(threshold), min_layer, policy, draft, draft_len)
+        return ExitConfig(
+            mode, float(threshold), min_layer, policy, draft, draft_len, signal=signal
+        )
     except ValueError as e:  # ExitConfig's own range checks
         raise bad(str(e), "exit") from e
 

@@ -85,6 +85,36 @@ def test_exit_config_validation():
         ExitConfig("river", threshold=2.0)
     with pytest.raises(ValueError, match="min_layer"):
         ExitConfig("river", min_layer=-1)
+    with pytest.raises(ValueError, match="signal"):
+        ExitConfig("river", signal="entropy")
+    with pytest.raises(ValueError, match="relative update norm in \\[0, 2\\]"):
+        ExitConfig("river", threshold=-0.5, signal="update")
+    ExitConfig("river", threshold=1.5, signal="update")  # an update norm may exceed 1
+
+
+def test_update_signal_decision():
+    """signal="update": exit when ||out - in|| / ||out|| < threshold, row by row beside cosine
+    rows (the same batch, each row its own signal)."""
+    h_in = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    h_out = torch.tensor([[1.0, 0.1], [2.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    # relative updates: 0.0995, 0.5, 0, 0.667; cosines: 0.995, 1, 1, 1
+    cfgs = [
+        ExitConfig("river", 0.2, 0, signal="update"),
+        ExitConfig("river", 0.2, 0, signal="update"),
+        ExitConfig("river", 0.9, 0),
+        ExitConfig("river", 0.7, 0, signal="update"),
+    ]
+    p = ExitParams.build(cfgs, "cpu")
+    assert p.uses_update and p.signal.tolist() == [1, 1, 0, 1]
+    everyone = torch.ones(4, dtype=torch.bool)
+    assert exit_decision(0, h_in, h_out, everyone, p).tolist() == [True, False, True, True]
+    # a growing state with the same direction: the cosine says exit, the update does not
+    assert not ExitParams.build([ExitConfig("river", 0.9, 0)], "cpu").uses_update
+    assert ExitParams.build([ExitConfig("river", 0.9, 0)], "cpu").backbone_until is None
+    assert (
+        ExitParams.build([ExitConfig("river", 0.2, 1, signal="update")], "cpu").backbone_until
+        is None
+    )
 
 
 def test_decision_per_row_and_batch_min():
@@ -186,14 +216,15 @@ def test_decode_step_has_no_host_sync(tiny):
         ExitConfig("river", 0.99, 2, "batch_min"),
         ExitConfig("propagate", 0.5, 1),
         ExitConfig("mask", 0.5, 2),
+        ExitConfig("river", 0.5, 1, signal="update"),
     ]
     exits = ExitParams.build(cfgs, "cpu")
     b = len(cfgs)
     batch = ForwardBatch(
-        torch.tensor([3, 4, 5, 6]),
+        torch.tensor([3, 4, 5, 6, 7]),
         torch.zeros(b, dtype=torch.long),
-        torch.tensor([0, 4, 8, 12]),
-        pad_block_tables([[0], [1], [2], [3]]),
+        torch.tensor([0, 4, 8, 12, 16]),
+        pad_block_tables([[0], [1], [2], [3], [4]]),
         torch.ones(b, dtype=torch.int32),
     )
     with forbid_host_sync():

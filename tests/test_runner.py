@@ -254,3 +254,22 @@ def test_cuda_engine_decode_steps_do_not_sync(tiny_dir):
     assert all(r.finish_reason == "length" for r in reqs)
     assert sum(engine.exit_histogram()) > 0
     assert_pool_full(engine)
+
+
+def test_update_signal_reaches_the_decode_step(tiny_fp32):
+    """A row exiting on the relative update (ExitConfig.signal) runs the same depths through
+    the engine's padded decode step as teacher-forced through model.decode (Engine.score), in
+    a batch beside cosine rows; and the depths follow the threshold."""
+    tiny = tiny_fp32
+    prompt = [5, 9, 33, 2, 7, 11]
+    layers = {}
+    for thr in (0.5, 1.2):
+        upd = ExitConfig("river", thr, 1, signal="update")
+        params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, exit=e)
+                  for e in (upd, ExitConfig("river", 0.5, 1), upd)]  # fmt: skip
+        outs = tiny.generate([prompt, [4, 4, 4], prompt], params)
+        assert outs[0].token_ids == outs[2].token_ids
+        scored = tiny.score(prompt, outs[0].token_ids, exit=upd)
+        assert scored.backbone_layers[1:] == outs[0].backbone_layers[1:]
+        layers[thr] = outs[0].backbone_layers[1:]
+    assert sum(layers[1.2]) < sum(layers[0.5])  # a looser threshold exits earlier
