@@ -233,3 +233,15 @@ def test_decode_step_has_no_host_sync(tiny):
         logits, used = model.decode(batch, kv, exits)
     assert logits.shape == (b, 200)
     assert used.min() < LAYERS, "some row must exit so the exit path is exercised"
+
+
+def test_server_exit_object_takes_the_signal():
+    from river.openai_protocol import APIError, parse_exit
+
+    got = parse_exit({"mode": "river", "threshold": 0.3, "signal": "update"}, ExitConfig())
+    assert got == ExitConfig("river", 0.3, 1, signal="update")
+    assert parse_exit({"mode": "river"}, ExitConfig()).signal == "cosine"
+    with pytest.raises(APIError, match="unknown exit signal"):
+        parse_exit({"mode": "river", "signal": "entropy"}, ExitConfig())
+    with pytest.raises(APIError, match="relative update norm"):
+        parse_exit({"mode": "river", "threshold": -1, "signal": "update"}, ExitConfig())
