@@ -434,8 +434,11 @@ def print_table(rows, num_layers):
         ml = "" if r["min_layer"] is None else r["min_layer"]
         se_p = f" ±{100 * r['ppl_rel_se']:.2f}%" if "ppl_rel_se" in r else ""
         se_a = f" ±{r['top1_agree_se']:.3f}" if "top1_agree_se" in r else ""
+        mode = (
+            r["mode"] if r.get("signal", "cosine") == "cosine" else f"{r['mode']} ({r['signal']})"
+        )
         print(
-            f"| {r['mode']} | {r.get('precision') or ''} | {thr} | {ml} | {r['ppl']:.3f}{se_p} "
+            f"| {mode} | {r.get('precision') or ''} | {thr} | {ml} | {r['ppl']:.3f}{se_p} "
             f"| {r.get('top1_agree', 1.0):.3f}{se_a} | {r['backbone_layers']:.2f} "
             f"| {r.get('bytes_model', float('nan')):.3f} | {r.get('bytes_8b', float('nan')):.3f} "
             f"| {p1} | {em} |"
