@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 
@@ -65,38 +66,52 @@ def _shard_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def load_weights(model_dir: pathlib.Path, cfg: ModelConfig, dtype=torch.float32) -> dict:
+def load_weights(
+    model_dir: pathlib.Path, cfg: ModelConfig, dtype=torch.float32, shard=None
+) -> dict:
     """All tensors of the checkpoint, renamed to river's short names and cast to `dtype`.
 
     Returns {"embed": [V, H], "norm": [H], "lm_head": [V, H], "layers": [dict per layer]} where
     each layer dict has input_norm, q, k, v, o, post_norm, gate, up, down (HF shapes).
+    shard(short_name, tensor) -> tensor, if given, is applied to each tensor as it is read (a
+    tensor-parallel rank keeps only its share, river.parallel.shard_fn): the whole checkpoint is
+    then never in memory, only the shard and one whole tensor at a time.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    for f in _shard_files(model_dir):
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in _shard_files(model_dir):
+            try:
+                sf = stack.enter_context(safe_open(str(f), framework="pt"))
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from e
+            for name in sf.keys():
+                where[name] = (f, sf)
+        return _assemble(model_dir, cfg, dtype, shard, where)
+
+
+def _assemble(model_dir, cfg: ModelConfig, dtype, shard, where: dict) -> dict:
+    def take(name, shape, short):
+        if name not in where:
+            raise ModelLoadError(f"{model_dir}: checkpoint has no tensor {name!r}")
+        f, sf = where[name]
         try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    tensors[name] = sf.get_tensor(name).to(dtype)
+            t = sf.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from e
-
-    def take(name, shape):
-        t = tensors.get(name)
-        if t is None:
-            raise ModelLoadError(f"{model_dir}: checkpoint has no tensor {name!r}")
         if tuple(t.shape) != tuple(shape):
             raise ModelLoadError(
                 f"{model_dir}: tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}"
             )
-        return t
+        t = t.to(dtype)
+        return t if shard is None else shard(short, t)
 
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     out = {
-        "embed": take("model.embed_tokens.weight", (cfg.vocab_size, h)),
-        "norm": take("model.norm.weight", (h,)),
+        "embed": take("model.embed_tokens.weight", (cfg.vocab_size, h), "embed"),
+        "norm": take("model.norm.weight", (h,), "norm"),
     }
-    if "lm_head.weight" in tensors and not cfg.tie_word_embeddings:
-        out["lm_head"] = take("lm_head.weight", (cfg.vocab_size, h))
+    if "lm_head.weight" in where and not cfg.tie_word_embeddings:
+        out["lm_head"] = take("lm_head.weight", (cfg.vocab_size, h), "lm_head")
     elif cfg.tie_word_embeddings:
         out["lm_head"] = out["embed"]
     else:
@@ -106,15 +121,15 @@ def load_weights(model_dir: pathlib.Path, cfg: ModelConfig, dtype=torch.float32)
         p = f"model.layers.{n}."
         layers.append(
             {
-                "input_norm": take(p + "input_layernorm.weight", (h,)),
-                "post_norm": take(p + "post_attention_layernorm.weight", (h,)),
-                "q": take(p + "self_attn.q_proj.weight", (cfg.num_heads * d, h)),
-                "k": take(p + "self_attn.k_proj.weight", (cfg.num_kv_heads * d, h)),
-                "v": take(p + "self_attn.v_proj.weight", (cfg.num_kv_heads * d, h)),
-                "o": take(p + "self_attn.o_proj.weight", (h, cfg.num_heads * d)),
-                "gate": take(p + "mlp.gate_proj.weight", (i, h)),
-                "up": take(p + "mlp.up_proj.weight", (i, h)),
-                "down": take(p + "mlp.down_proj.weight", (h, i)),
+                "input_norm": take(p + "input_layernorm.weight", (h,), "input_norm"),
+                "post_norm": take(p + "post_attention_layernorm.weight", (h,), "post_norm"),
+                "q": take(p + "self_attn.q_proj.weight", (cfg.num_heads * d, h), "q"),
+                "k": take(p + "self_attn.k_proj.weight", (cfg.num_kv_heads * d, h), "k"),
+                "v": take(p + "self_attn.v_proj.weight", (cfg.num_kv_heads * d, h), "v"),
+                "o": take(p + "self_attn.o_proj.weight", (h, cfg.num_heads * d), "o"),
+                "gate": take(p + "mlp.gate_proj.weight", (i, h), "gate"),
+                "up": take(p + "mlp.up_proj.weight", (i, h), "up"),
+                "down": take(p + "mlp.down_proj.weight", (h, i), "down"),
             }
         )
     out["layers"] = layers

@@ -80,7 +80,9 @@ class Engine:
         self.max_model_len = min(
             cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        weights = load_weights(self.model_dir, mc, dtype=dtype)
+        # a tensor-parallel rank reads only its shard (rank 0 before it starts the others)
+        shard = parallel.shard_fn(mc, 0 if group is None else group.rank, world)
+        weights = load_weights(self.model_dir, mc, dtype=dtype, shard=shard)
         if world > 1 and group is None:
             group, procs = parallel.launch(world, device.type, self.model_dir, cfg)
         try:
@@ -96,10 +98,8 @@ class Engine:
         """The model (this rank's shard under tensor parallelism), its cache, scheduler and
         runner; on ranks other than 0 this then serves rank 0 and never returns."""
         cfg, mc, device, dtype = self.config, self.model_config, self.device, self.dtype
-        if group is not None:
-            if group.rank == 0:
-                group.barrier()  # the other ranks may load the model now
-            weights = parallel.shard_weights(weights, mc, group.rank, group.world)
+        if group is not None and group.rank == 0:
+            group.barrier()  # the other ranks may load the model now
         try:
             self.model = LlamaModel(
                 mc, weights, device, dtype, self.max_model_len, ops=cfg.ops, tp=group

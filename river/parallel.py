@@ -166,21 +166,30 @@ def _projection(name: str, w, cfg: ModelConfig, rank: int, world: int):
     raise ValueError(f"unknown projection {name!r}")
 
 
-def shard_weights(weights: dict, cfg: ModelConfig, rank: int, world: int) -> dict:
-    """Rank's share of river.checkpoint.load_weights' dict (same layout, local shapes)."""
+def shard_fn(cfg: ModelConfig, rank: int, world: int):
+    """shard(short_name, tensor) -> rank's share of that checkpoint tensor (river.checkpoint's
+    load_weights applies it as it reads, so a rank never holds the whole model); None with one
+    rank."""
     if world == 1:
-        return weights
+        return None
     projs = {p for ps in FUSED.values() for p in ps}
-    out = {
-        "embed": _vocab_rows(weights["embed"], rank, world, cfg.vocab_size),
-        "norm": weights["norm"],
-        "layers": [
-            {k: (_projection(k, t, cfg, rank, world) if k in projs else t) for k, t in lw.items()}
-            for lw in weights["layers"]
-        ],
-    }
-    if "lm_head" in weights:
-        out["lm_head"] = _vocab_rows(weights["lm_head"], rank, world, cfg.vocab_size)
+
+    def shard(name, t):
+        if name in ("embed", "lm_head"):
+            return _vocab_rows(t, rank, world, cfg.vocab_size)
+        return _projection(name, t, cfg, rank, world) if name in projs else t
+
+    return shard
+
+
+def shard_weights(weights: dict, cfg: ModelConfig, rank: int, world: int) -> dict:
+    """Rank's share of a whole load_weights dict (same layout, local shapes): what shard_fn
+    gives at load time."""
+    shard = shard_fn(cfg, rank, world)
+    if shard is None:
+        return weights
+    out = {k: shard(k, weights[k]) for k in ("embed", "norm", "lm_head") if k in weights}
+    out["layers"] = [{k: shard(k, t) for k, t in lw.items()} for lw in weights["layers"]]
     return out
 
 

@@ -125,6 +125,28 @@ def test_twin_shards_are_slices_of_the_one_rank_twins(world):
         assert torch.equal(heads[: cfg.vocab_size], head.dequantize())
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_loads_only_its_shard(tmp_path, world):
+    """load_weights(shard=shard_fn(...)) reads rank r's share tensor by tensor: the same as
+    sharding the whole checkpoint after loading it."""
+    from helpers import tiny_checkpoint
+
+    from river.checkpoint import load_weights
+    from river.parallel import shard_fn
+
+    mc, weights, _ = tiny_checkpoint(tmp_path, layers=2, hidden=96, inter=192, heads=6,
+                                     kv_heads=6, vocab=200)  # fmt: skip
+    for rank in range(world):
+        got = load_weights(tmp_path, mc, shard=shard_fn(mc, rank, world))
+        want = shard_weights(weights, mc, rank, world)
+        assert got.keys() == want.keys()
+        for k in ("embed", "lm_head", "norm"):
+            assert torch.equal(got[k], want[k]), k
+        for a, b in zip(got["layers"], want["layers"]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert got["layers"][0]["o"].shape == (96, 96 // world)
+
+
 def test_a_group_never_straddles_two_ranks():
     w = quantize_w4(torch.randn(8, 128), group_size=64)
     with pytest.raises(ConfigError, match="straddle"):
