@@ -354,3 +354,20 @@ def test_one_sharded_engine_per_process(tp_dir, sharded):
     with pytest.raises(ConfigError, match="already runs a tensor-parallel engine"):
         Engine(str(tp_dir), tensor_parallel_size=2, **ENGINE)
     assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_sharded_engine_switches_twin_precision(one_rank, sharded):
+    """set_river_precision between requests re-slices the new twins on every rank: w4 twins
+    give one rank's w4 tokens (then both engines go back to the default precision)."""
+    ref, _ = one_rank
+    engine, _ = sharded
+    default = engine.config.river_precision
+    try:
+        for e in (ref, engine):
+            e.set_river_precision("w4")
+        modes = {"w4": MODES["w4"], "river": MODES["river"]}
+        assert _run(engine, modes, PROMPTS[:3], 16) == _run(ref, modes, PROMPTS[:3], 16)
+        assert engine.river_head_bits == 16 and engine.model.river_head is None
+    finally:
+        for e in (ref, engine):
+            e.set_river_precision(default)
