@@ -193,19 +193,20 @@ def test_torchrun_world_must_match(monkeypatch):
 # ------------------------------------------------------------------------------ the engine
 def _tiny_tp_model(path, src_dir):
     """3 layers, 12 query / 6 KV heads, hidden 192: divisible by TP 2 and 3 with 32-wide
-    groups; the default model's tokenizer and vocabulary (49152 = 3 x 16384)."""
+    groups; the default model's tokenizer, one vocabulary row short (49151 rows: neither 2 nor
+    3 divides it, so the last vocabulary shard is padded), an untied LM head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = json.loads((src_dir / "config.json").read_text())
     cfg = LlamaConfig(
-        vocab_size=src["vocab_size"],
+        vocab_size=src["vocab_size"] - 1,
         hidden_size=192,
         intermediate_size=384,
         num_hidden_layers=3,
         num_attention_heads=12,
         num_key_value_heads=6,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         bos_token_id=src.get("bos_token_id"),
         eos_token_id=src.get("eos_token_id"),
     )
