@@ -247,6 +247,7 @@ class DecodeGraphRunner:
             "uses_river": exits.uses_river and self.include_river,
             "uses_kv_mask": exits.uses_kv_mask,
             "may_exit": exits.may_exit,
+            "uses_update": exits.uses_update,
         }
         return self.replay(n, flags, greedy)
 

@@ -65,30 +65,12 @@ def default_gguf() -> pathlib.Path:
 def tiny_dir(tmp_path_factory, default_model_dir) -> pathlib.Path:
     """A 2-layer random Llama with the default model's vocabulary and tokenizer: an engine on it
     runs in milliseconds per step, with real text in and out."""
-    import json
-    import shutil
+    from helpers import tiny_text_model
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = json.loads((default_model_dir / "config.json").read_text())
-    cfg = LlamaConfig(
-        vocab_size=src["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=src.get("bos_token_id"),
-        eos_token_id=src.get("eos_token_id"),
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / f, path / f)
-    return path
+    return tiny_text_model(
+        tmp_path_factory.mktemp("tiny"), default_model_dir,
+        hidden=64, inter=128, layers=2, heads=4, kv_heads=2,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

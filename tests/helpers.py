@@ -106,3 +106,39 @@ def tiny_checkpoint(path, layers=4, hidden=64, inter=128, heads=4, kv_heads=2, v
         for p in PROJECTIONS
     }
     return mc, weights, quant
+
+
+def tiny_text_model(path, src_dir, *, hidden, inter, layers, heads, kv_heads, vocab_delta=0,
+                    tie=True, init_std=None):  # fmt: skip
+    """A random Llama saved at `path` with the vocabulary (less `vocab_delta` rows) and the
+    tokenizer of the HF model at `src_dir`, so an engine on it reads and writes real text.
+    init_std: redraw every 2-D weight ~ N(0, init_std) (None: transformers' init)."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = json.loads((src_dir / "config.json").read_text())
+    cfg = LlamaConfig(
+        vocab_size=src["vocab_size"] - vocab_delta,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=src.get("bos_token_id"),
+        eos_token_id=src.get("eos_token_id"),
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, init_std)
+    hf.save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src_dir / f, path / f)
+    return path

@@ -8,9 +8,7 @@ started once) on a 3-layer random model with 12 query and 6 KV heads; the defaul
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -194,32 +192,14 @@ def test_torchrun_world_must_match(monkeypatch):
 def _tiny_tp_model(path, src_dir):
     """3 layers, 12 query / 6 KV heads, hidden 192: divisible by TP 2 and 3 with 32-wide
     groups; the default model's tokenizer, one vocabulary row short (49151 rows: neither 2 nor
-    3 divides it, so the last vocabulary shard is padded), an untied LM head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    3 divides it, so the last vocabulary shard is padded), an untied LM head; weights ~ N(0, 0.1)
+    so that layers move the residual and exits happen at different depths."""
+    from helpers import tiny_text_model
 
-    src = json.loads((src_dir / "config.json").read_text())
-    cfg = LlamaConfig(
-        vocab_size=src["vocab_size"] - 1,
-        hidden_size=192,
-        intermediate_size=384,
-        num_hidden_layers=3,
-        num_attention_heads=12,
-        num_key_value_heads=6,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=src.get("bos_token_id"),
-        eos_token_id=src.get("eos_token_id"),
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)  # layers that move the residual: exits at different depths
-    hf.save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src_dir / f, path / f)
-    return path
+    return tiny_text_model(
+        path, src_dir, hidden=192, inter=384, layers=3, heads=12, kv_heads=6, vocab_delta=1,
+        tie=False, init_std=0.1,
+    )  # fmt: skip
 
 
 def test_engine_refuses_a_size_before_starting_ranks(tp_dir):
