@@ -31,6 +31,7 @@ PROMPTS = prompts(
     "fibonacci", "france", "numpy", "village", "stack", "quicksort", "binary-search",
     "thermodynamics",
 )  # fmt: skip
+COMPILED = " (compiled)"  # row-name suffix of the torch.compile'd step
 # name -> ExitConfig kwargs; river4 is the river forced to leave after exactly 4 layers.
 MODES = {
     "full": {"mode": "full"},
@@ -54,6 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (default 3)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    p.add_argument(
+        "--compile",
+        choices=("both", "on", "off"),
+        default="both",
+        help="river's decode step through torch.compile (Engine(torch_compile=True)): 'both' "
+        "times each mode compiled and eager, repeats interleaved (default both)",
+    )
     arguments.add_switches(p, {"--skip-hf": "no transformers baseline"})
     arguments.add_outputs(p, "decode-cpu.json", default=str(RESULTS / "decode-cpu.json"))
     args = p.parse_args(argv)
@@ -69,20 +77,47 @@ def decode_rate(outs) -> float:
     return sum(len(o.token_ids) - 1 for o in outs) / (end - first)
 
 
-def time_engine(engine, mode_kw, batch, args) -> dict:
+def _compilable(mode_kw) -> bool:
+    """Whether Engine(torch_compile=True) runs this mode's decode steps compiled."""
+    from river import ExitConfig
+    from river.exits import ExitParams
+    from river.graphs import compilable, step_flags
+
+    return compilable(step_flags(ExitParams.build([ExitConfig(**mode_kw)], "cpu")))
+
+
+def time_engine(engine, mode_kw, batch, args, variants) -> dict:
+    """{variant: row} for variants among "eager" and "compiled", repeats interleaved so that
+    the machine's drift hits both alike."""
     from river import ExitConfig, SamplingParams
 
     exit_cfg = ExitConfig(**mode_kw)
     sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, exit=exit_cfg)
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, exit=exit_cfg))
-    rates, layers = [], []
+    compiled = engine.runner.decode.compiled  # None unless Engine(torch_compile=True)
+    rows = {v: {"tok_s": [], "layers": []} for v in variants}
+    for v in variants:  # warm-up; compiled: the first call of each variant compiles it
+        if compiled is not None:
+            compiled.enabled = v == "compiled"
+        t = time.perf_counter()
+        engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, exit=exit_cfg))
+        rows[v]["warmup_s"] = time.perf_counter() - t
     for _ in range(args.repeats):
-        outs = engine.generate(prompts, sp)
-        rates.append(decode_rate(outs))
-        # Decode tokens only: the first token of each row comes from the full prefill.
-        layers.append(statistics.mean(x for o in outs for x in o.backbone_layers[1:]))
-    return {"tok_s": rates, "backbone_layers": statistics.mean(layers)}
+        for v in variants:
+            if compiled is not None:
+                compiled.enabled = v == "compiled"
+            outs = engine.generate(prompts, sp)
+            rows[v]["tok_s"].append(decode_rate(outs))
+            # Decode tokens only: the first token of each row comes from the full prefill.
+            decode_layers = [x for o in outs for x in o.backbone_layers[1:]]
+            rows[v]["layers"].append(statistics.mean(decode_layers))
+    if compiled is not None:
+        compiled.enabled = True
+    return {
+        v: {"tok_s": r["tok_s"], "backbone_layers": statistics.mean(r["layers"]),
+            "warmup_s": r["warmup_s"]}
+        for v, r in rows.items()
+    }  # fmt: skip
 
 
 def time_hf(model_dir, dtype, batch, args) -> dict:
@@ -140,10 +175,15 @@ def print_table(rows) -> str:
         "| engine / mode | batch | decode tok/s (median, min-max) | x full | bf16 layers/token |",
         "|---|---|---|---|---|",
     ]
-    full = {r["batch"]: median_spread(r["tok_s"])[0] for r in rows if r["name"] == "river full"}
+    # each river row against river full of the same batch and the same step (compiled or not)
+    full = {
+        (r["batch"], r["name"].endswith(COMPILED)): median_spread(r["tok_s"])[0]
+        for r in rows
+        if r["name"] in ("river full", "river full" + COMPILED)
+    }
     for r in rows:
         med, lo, hi = median_spread(r["tok_s"])
-        ref = full.get(r["batch"])
+        ref = full.get((r["batch"], r["name"].endswith(COMPILED)))
         ratio = f"{med / ref:.2f}x" if ref else ""
         layers = f"{r['backbone_layers']:.2f}" if "backbone_layers" in r else ""
         lines.append(
@@ -159,18 +199,23 @@ def main(argv=None) -> int:
     from river import Engine
     from river.checkpoint import resolve_model_dir
 
-    kw = {"device": "cpu"}
+    kw = {"device": "cpu", "torch_compile": args.compile != "off"}
     if args.dtype:
         kw["dtype"] = getattr(torch, args.dtype)
     engine = Engine(args.model, **kw)
     engine.ensure_river(progress=False)
     print(f"river: {engine.dtype}, {engine.num_threads} threads, ops {engine.model.ops.kind}")
+    variants = {"both": ("compiled", "eager"), "on": ("compiled",), "off": ("eager",)}
     rows = []
     for b in args.batches:
         for m in args.modes:
-            r = time_engine(engine, MODES[m], b, args)
-            rows.append({"name": f"river {m}", "batch": b, **r})
-            print(f"river {m} b={b}: {median_spread(r['tok_s'])[0]:.1f} tok/s", flush=True)
+            todo = variants[args.compile]
+            if not _compilable(MODES[m]):  # per-token exits: the engine runs them eagerly
+                todo = ("eager",)
+            for v, r in time_engine(engine, MODES[m], b, args, todo).items():
+                name = f"river {m}" + (COMPILED if v == "compiled" else "")
+                rows.append({"name": name, "batch": b, **r})
+                print(f"{name} b={b}: {median_spread(r['tok_s'])[0]:.1f} tok/s", flush=True)
     model_dir = resolve_model_dir(args.model)
     if not args.skip_hf:
         for dt in (torch.float32, torch.bfloat16):

@@ -93,7 +93,7 @@ class DecodeBench:
         base = "full" if mode == "full-shared" else mode
         sampler = None
         if hist is not None and base in ("river", "propagate", "mask"):
-            exits = ExitParams.build(forced_exit_configs(base, batch, 1), dev)
+            exits = ForcedExitSampler.exit_params(forced_exit_configs(base, batch, 1), dev)
             sampler = ForcedExitSampler(hist, cfg.num_layers, batch, dev, seed=args.seed)
         else:
             exits = ExitParams.build(forced_exit_configs(base, batch, args.exit_layers), dev)

@@ -6,12 +6,12 @@ drawn from an exit histogram recorded on a real model. Benchmark-only: not part 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from river.exits import ExitConfig
+from river.exits import ExitConfig, ExitParams
 
 
 def forced_exit_config(mode: str, layers: int) -> ExitConfig:
@@ -106,6 +106,14 @@ class ForcedExitSampler:
         self._start = torch.zeros(slots, rows, dtype=torch.bool, pin_memory=self._cuda)
         self._events = [torch.cuda.Event() for _ in range(slots)] if self._cuda else None
         self._step = 0
+
+    @staticmethod
+    def exit_params(configs, device) -> ExitParams:
+        """ExitParams.build(configs) for rows whose depths fill() rewrites each step: the
+        host-side facts about depths (backbone_until, river_from), true of the configs'
+        min_layer but not of the drawn depths, are cleared so that no step skips a layer a
+        drawn row needs."""
+        return replace(ExitParams.build(configs, device), backbone_until=None, river_from=None)
 
     def fill(self, min_layer: torch.Tensor, start_exited: torch.Tensor) -> np.ndarray:
         """Draw len(min_layer) depths, copy them in; returns the draws (host int32)."""

@@ -16,6 +16,13 @@ weight sets over every row and select with masks. Here:
 
 Results match the reference ops to the dtype's rounding (the reference stays the exact fp32
 oracle); this path is not meant for the no-host-sync guard, which checks the device path.
+
+Compiled. Under torch.compile (river.graphs' CPU step with `compile=True`) the same ops trace
+into one graph: the parts that read a row mask or a context length on the host (the matmuls,
+the K/V store, attention) are opaque custom ops (`river_cpu::*`, whose bodies are the eager
+functions below), and the glue around them (norms, RoPE, SiLU, residuals, the exit rule, the
+row selects) is fused by inductor. A decode step is ~40 small ops per layer; eager, each costs a
+dispatch and a parallel region, which on a small model is as much time as the weight reads.
 """
 
 from __future__ import annotations
@@ -137,8 +144,8 @@ def _matmul(x, w):
         )
     if not isinstance(w, torch.Tensor):  # a W4Weight: the oracle's dequantize-per-call path
         w = w.dequantize(x.dtype)
-    if x.shape[0] == 1 and x.dtype == torch.bfloat16:
-        return torch.mv(w, x[0]).unsqueeze(0)  # torch's bf16 GEMV beats its M = 1 GEMM
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16:  # torch's bf16 GEMV beats its M = 1 GEMM
+        return (torch.ops.river_cpu.mv if _compiling() else torch.mv)(w, x[0]).unsqueeze(0)
     return x @ w.t()
 
 
@@ -164,8 +171,68 @@ def _rowwise(fn, x, row_mask, out, width):
     return out
 
 
+# ------------------------------------------------------------------ compiled (traced) path
+# Three ops stay opaque to torch.compile. They are registered with torch.library's low-level
+# API (a few us a call; `torch.library.custom_op` costs ~10 more): the K/V store and attention
+# read row masks and context lengths on the host, and the bf16 GEMV would otherwise be
+# decomposed by inductor into a generic reduction loop ~2x slower than torch.mv.
+_LIB = torch.library.Library("river_cpu", "DEF")
+_LIB.define("mv(Tensor w, Tensor x) -> Tensor")
+_LIB.define(
+    "store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor k, Tensor v, "
+    "Tensor? row_mask) -> ()"
+)
+_LIB.define(
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor context_lens, float scale, Tensor? row_mask, Tensor? kv_valid) -> Tensor"
+)
+
+
+def _store_kv(k_cache, v_cache, slot_mapping, k, v, row_mask):
+    """K/V [M, Hkv, D] of the selected rows into their cache slots (the others write nothing)."""
+    idx = _selected(row_mask)
+    if idx is not None:
+        if not idx.numel():
+            return
+        slot_mapping, k, v = slot_mapping[idx], k[idx], v[idx]
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k.shape[1:])[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v.shape[1:])[slots] = v.to(v_cache.dtype)
+
+
+def _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, row_mask, kv_valid):
+    return paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, scale, row_mask, kv_valid
+    )
+
+
+_LIB.impl("mv", torch.mv, "CPU")
+_LIB.impl("mv", lambda w, x: x.new_empty(w.shape[0]), "Meta")
+_LIB.impl("store_kv", _store_kv, "CPU")
+_LIB.impl("store_kv", lambda *args: None, "Meta")
+_LIB.impl("decode_attention", _decode_attention, "CPU")
+_LIB.impl("decode_attention", lambda q, *args: torch.empty_like(q), "Meta")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _select_rows(y, row_mask, out):
+    """Traced: y's selected rows into out (y already computed for every row). A compiled step
+    runs only where the host flags say which weight set each layer needs (river.graphs), so
+    computing a projection for every row of its set wastes only padding rows."""
+    if row_mask is not None:
+        row_mask = row_mask.view(-1, *(1,) * (y.dim() - 1))
+    if out is None:
+        return y if row_mask is None else torch.where(row_mask, y, 0)
+    return out.copy_(y if row_mask is None else torch.where(row_mask, y, out))
+
+
 def linear(x, weight, row_mask=None, out=None):
     """out[m] = x[m] @ W.T for rows in row_mask (see reference.linear)."""
+    if _compiling():
+        return _select_rows(_matmul(x, weight), row_mask, out)
     return _rowwise(lambda v: _matmul(v, weight), x, row_mask, out, weight.shape[0])
 
 
@@ -176,6 +243,8 @@ def _gate_up(x, weight):
 
 def gate_up_silu(x, weight, row_mask=None, out=None):
     """SiLU(x @ Wg.T) * (x @ Wu.T) over the fused [2 I, K] weight (see reference)."""
+    if _compiling():
+        return _select_rows(_gate_up(x, weight), row_mask, out)
     return _rowwise(lambda v: _gate_up(v, weight), x, row_mask, out, weight.shape[0] // 2)
 
 
@@ -195,8 +264,13 @@ def qkv_rope_store(
 ):
     """Q/K/V projection, RoPE, K/V into the paged cache, for the selected rows only (see
     reference.qkv_rope_store: rows outside row_mask write nothing and keep q_out)."""
-    idx = _selected(row_mask)
     head_dim = k_cache.shape[-1]
+    if _compiling():
+        return _traced_qkv_rope_store(
+            x, weight, cos, sin, positions, k_cache, v_cache, slot_mapping, num_heads,
+            num_kv_heads, row_mask, q_out, head_dim,
+        )  # fmt: skip
+    idx = _selected(row_mask)
     if idx is not None:
         if q_out is None:
             q_out = x.new_zeros(x.shape[0], num_heads, head_dim)
@@ -228,6 +302,21 @@ def qkv_rope_store(
         v_cache.dtype
     )
     return q if q_out is None else q_out.copy_(q)
+
+
+def _traced_qkv_rope_store(
+    x, weight, cos, sin, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+    row_mask, q_out, head_dim,
+):  # fmt: skip
+    # every row through RoPE (cheap, fused); only the selected rows reach the cache and q_out
+    m = x.shape[0]
+    qkv = _matmul(x, weight)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    qk = _rope(qkv[:, : (num_heads + num_kv_heads) * head_dim].view(m, -1, head_dim), c, s)
+    q, k = qk[:, :num_heads], qk[:, num_heads:]
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(m, num_kv_heads, head_dim)
+    torch.ops.river_cpu.store_kv(k_cache, v_cache, slot_mapping, k, v, row_mask)
+    return _select_rows(q, row_mask, q_out)
 
 
 def _attend(q, k_cache, v_cache, tables, lens, scale, kv_valid):
@@ -264,6 +353,10 @@ def paged_decode_attention(
 ):  # fmt: skip
     """reference.paged_decode_attention over the selected rows (others output zeros), with
     the block tables cut to the longest selected context (the reference reads every column)."""
+    if _compiling():
+        return torch.ops.river_cpu.decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, row_mask, kv_valid
+        )
     idx = _selected(row_mask)
     b = q.shape[0]
     if idx is not None and not idx.numel():

@@ -127,6 +127,7 @@ def _generate(args, parser) -> int:
         "num_threads": args.threads,
         "river_precision": args.river_precision,
         "tensor_parallel_size": args.tp,
+        "torch_compile": args.torch_compile or None,
     }
     if args.dtype:
         import torch
@@ -336,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="shard the model across this many processes (one per GPU; gloo on the CPU); "
         "river starts the other ranks itself, or run it under torchrun (README)",
+    )
+    g.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="CPU: run decode steps through torch.compile (one fused graph per batch size and "
+        "exit mode; each compiles once, tens of seconds, then decodes ~1.2-1.4x faster)",
     )
     g.add_argument(
         "--river-precision",

@@ -184,6 +184,11 @@ class EngineConfig:
     # Ranks the model is sharded across (river.parallel): one process per device, rank 0 the
     # engine's; 1 = no tensor parallelism.
     tensor_parallel_size: int = 1
+    # CPU only: run each decode step through torch.compile (river.graphs.CompiledStep), the
+    # CPU's counterpart of CUDA graphs: one fused graph instead of ~40 small ops per layer.
+    # Each new (batch bucket, exit-mode mix) compiles once, tens of seconds on a small CPU;
+    # batches whose exits are decided per token (a cosine rule) stay eager.
+    torch_compile: bool = False
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -218,6 +223,10 @@ class EngineConfig:
             not isinstance(self.max_model_len, int) or self.max_model_len <= 1
         ):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.torch_compile and self.tensor_parallel_size > 1:
+            raise ConfigError("torch_compile is not supported with tensor parallelism")
+        if self.torch_compile and self.ops not in (None, "cpu"):
+            raise ConfigError(f"torch_compile runs the 'cpu' op set, not ops={self.ops!r}")
         if self.ops not in (None, "reference", "cpu", "triton"):
             raise ConfigError(f"ops must be 'reference', 'cpu' or 'triton', got {self.ops!r}")
         if self.dtype not in (None, torch.float32, torch.bfloat16, torch.float16):

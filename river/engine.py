@@ -48,6 +48,8 @@ class Engine:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
+        if cfg.torch_compile and device.type != "cpu":
+            raise ConfigError("torch_compile is for the CPU; CUDA decode steps are CUDA graphs")
         dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else default_cpu_dtype())
         world = cfg.tensor_parallel_size
         # Tensor parallelism (river.parallel): `group` is this process's rank when the group
@@ -126,7 +128,9 @@ class Engine:
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         self.generation_defaults = _generation_defaults(self.model_dir)
         self._rng = random.Random()
-        self.runner = ModelRunner(self.model, self.kv, cfg.max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(
+            self.model, self.kv, cfg.max_num_seqs, self.max_model_len, cfg.torch_compile
+        )
         self._launched = []  # steps launched whose tokens the engine has not read yet
         # Tokens the last step() returned from a decode step (the rest came from a prefill);
         # with tokens read one step behind, a request can get one of each in one call.

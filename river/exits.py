@@ -165,6 +165,10 @@ class ExitParams:
     # Host-side: some row exits on the relative update (else only the cosine is computed,
     # which only matters on the CPU); a captured graph computes both.
     uses_update: bool = True
+    # Host-side: the first layer at which a row can be on the river path (0 with a w4 row,
+    # else the smallest min_layer of a river row, at least 1), or None (no row ever is): the
+    # CPU path skips the twins' ops before it. A captured graph leaves it None.
+    river_from: int | None = None
 
     @classmethod
     def build(cls, configs: list[ExitConfig], device) -> ExitParams:
@@ -188,6 +192,11 @@ class ExitParams:
         until = None
         if static and configs:
             until = max(0 if c.mode == "w4" else max(c.min_layer, 1) for c in configs)
+        firsts = [
+            0 if c.mode == "w4" else max(c.min_layer, 1)
+            for c in configs
+            if c.mode in ("w4", "river")
+        ]
         after = {
             "river": AFTER_RIVER,
             "w4": AFTER_RIVER,
@@ -214,6 +223,7 @@ class ExitParams:
             may_exit=any(c.mode in ("river", "propagate", "mask") for c in configs),
             backbone_until=until,
             uses_update=any(c.signal == "update" for c in configs),
+            river_from=min(firsts) if firsts else None,
         )
 
 

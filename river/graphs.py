@@ -45,6 +45,9 @@ from river.exits import ExitParams
 from river.model import ForwardBatch
 
 __all__ = [
+    "CompiledStep",
+    "compilable",
+    "step_flags",
     "GraphBuckets",
     "graph_buckets",
     "bucket_for",
@@ -69,6 +72,58 @@ def bucket_for(n: int, buckets: tuple[int, ...] = GraphBuckets) -> int:
         if n <= b:
             return b
     raise ValueError(f"decode batch of {n} rows exceeds the largest graph bucket ({buckets[-1]})")
+
+
+# ------------------------------------------------------------------------------ compiled step
+def step_flags(exits: ExitParams, include_river: bool = True) -> dict:
+    """The host facts of a batch (ExitParams' host-side fields) an uncaptured step uses to
+    skip work; a CUDA graph ignores them (it has every path)."""
+    return {
+        "uses_backbone": exits.uses_backbone,
+        "uses_river": exits.uses_river and include_river,
+        "uses_kv_mask": exits.uses_kv_mask,
+        "may_exit": exits.may_exit,
+        "uses_update": exits.uses_update,
+        "backbone_until": exits.backbone_until,
+        "river_from": exits.river_from,
+    }
+
+
+def compilable(flags: dict | None) -> bool:
+    """Whether the host flags fix which weight set every layer runs, so that a compiled step
+    (whose ops compute a projection for every row and select, river.kernels.cpu) reads no
+    bytes the eager step would skip: no row can leave the backbone mid-way (full, w4 and their
+    mixes), or every row leaves at a fixed layer (a static split)."""
+    return bool(flags) and (not flags["may_exit"] or flags["backbone_until"] is not None)
+
+
+# Each compiled variant (bucket x host flags x greedy) is one recompile of the same function;
+# dynamo's default limit of 8 would silently fall back to eager after that.
+_RECOMPILE_LIMIT = 64
+
+
+class CompiledStep:
+    """fn(bucket, flags, greedy) through torch.compile, under inference mode. The first call
+    of each variant compiles it (tens of seconds: the generated C++ is cached on disk by
+    inductor, so a later process mostly retraces); later calls run one fused graph."""
+
+    def __init__(self, fn):
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * _RECOMPILE_LIMIT)
+        # emulate_precision_casts: fused kernels round to bf16 where the eager ops do, so the
+        # compiled step gives the eager step's tokens (fp32: identical; bf16: up to the order of
+        # the norms' reductions)
+        self._fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+        self.variants: set = set()  # (bucket, flags, greedy) run so far
+        self.enabled = True  # False: the runner takes the eager step (benchmarks compare both)
+
+    def __call__(self, bucket: int, flags: dict, greedy: bool):
+        self.variants.add((bucket, tuple(sorted(flags.items())), greedy))
+        with torch.inference_mode():
+            return self._fn(bucket, flags, greedy)
 
 
 # ------------------------------------------------------------------------------ the runner
@@ -106,6 +161,7 @@ class DecodeGraphRunner:
         pad_eager: bool = False,
         padding_block: int | None = None,
         sampler: bool = False,
+        torch_compile: bool = False,
     ):
         on_cuda = model.device.type == "cuda"
         # sampler=True: each step also gathers its input tokens from the token board, samples
@@ -141,6 +197,11 @@ class DecodeGraphRunner:
         if self.padded:
             inputs = DecodeInputs.allocate(self.buckets[-1], max_blocks_per_seq, model.device)
             self._dev = Staging(inputs, self.padding_block, kv.block_size)
+        if torch_compile and (self.use_graphs or not pad_eager):
+            raise ValueError("torch_compile=True compiles the CPU's padded step (pad_eager=True)")
+        # The padded step through torch.compile (CPU): one graph per bucket and host-flag set,
+        # used for the batches whose flags fix each layer's weight set (see compilable()).
+        self.compiled = CompiledStep(self._decode_static) if torch_compile else None
         if self.use_graphs:
             self.capture()
 
@@ -197,12 +258,14 @@ class DecodeGraphRunner:
         exits = inp.exit_params(self.include_river)
         if flags:
             exits = replace(exits, **flags)
+        batch = inp.forward_batch()
         if self.sampler:
+            # (the gathered ids feed the step directly: the static input_ids field is not
+            # written, since a compiled step may not mutate one dtype view of the shared buffer)
             src = inp.src_index
-            ids = torch.where(src >= 0, self.board[src.clamp_min(0)], inp.host_tokens)
-            inp.input_ids.copy_(ids)
+            batch.input_ids = torch.where(src >= 0, self.board[src.clamp_min(0)], inp.host_tokens)
         logits, used = self.model.decode(
-            inp.forward_batch(), self.kv, exits, active=inp.active, scratch=self._scratch
+            batch, self.kv, exits, active=inp.active, scratch=self._scratch
         )
         if not self.sampler:
             return logits, used
@@ -242,14 +305,7 @@ class DecodeGraphRunner:
         if self.sampler and sampling is None:
             raise ValueError("a sampler runner needs the rows' sampling settings")
         self._load(batch, exits, active, bucket_for(n, self.buckets), sampling)
-        flags = {
-            "uses_backbone": exits.uses_backbone,
-            "uses_river": exits.uses_river and self.include_river,
-            "uses_kv_mask": exits.uses_kv_mask,
-            "may_exit": exits.may_exit,
-            "uses_update": exits.uses_update,
-        }
-        return self.replay(n, flags, greedy)
+        return self.replay(n, step_flags(exits, self.include_river), greedy)
 
     def replay(self, n: int, flags: dict | None = None, greedy: bool = False):
         """The step of bucket_for(n) on the static inputs as they are: those run() loaded, as
@@ -262,7 +318,10 @@ class DecodeGraphRunner:
         if any(self._dev.is_pad[:n]) or not all(self._dev.is_pad[n:bucket]):
             raise RuntimeError(f"the static inputs do not hold {n} real rows: run() first")
         if not self.use_graphs:
-            out, used = self._decode_static(bucket, flags, greedy)
+            step = self._decode_static
+            if self.compiled is not None and self.compiled.enabled and compilable(flags):
+                step = self.compiled
+            out, used = step(bucket, flags, greedy)
         else:
             g = self._graphs[bucket]
             g.graph.replay()

@@ -13,6 +13,7 @@ all-gathered; everything else (norms, the exit rule) runs on the replicated resi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,20 @@ from river.exits import AFTER_MASK, AFTER_PROPAGATE, AFTER_RIVER, ExitParams, ex
 from river.kv_cache import KVCache
 from river.ops import get_ops
 from river.parallel import local_config, mirrored, pad_rows
+
+
+def _inference(fn):
+    """torch.inference_mode around fn, except while torch.compile traces it (the compiled CPU
+    step, river.graphs): there no_grad, since views of the KV cache made inside a traced
+    inference-mode region fail in AOT autograd; the compiled step runs under inference mode."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        guard = torch.no_grad if torch.compiler.is_compiling() else torch.inference_mode
+        with guard():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -241,7 +256,7 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ decode
     @mirrored("model")
-    @torch.inference_mode()
+    @_inference
     def decode(
         self, batch: ForwardBatch, kv: KVCache, exits: ExitParams, active=None, scratch=None
     ):
@@ -271,11 +286,13 @@ class LlamaModel:
         # The slot may last have been left as a hole by a KV-masked request: mark it written in
         # every layer once, and let KV masking punch its holes below.
         kv.valid[:, block, offset] = kv.true
-        until = exits.backbone_until
+        until, river_from = exits.backbone_until, exits.river_from
         for n, w in enumerate(self.layers):
             rw = self.river[n] if use_river else None
-            # host-side: past `until` no row can be in the backbone (static splits, w4)
+            # host-side: past `until` no row can be in the backbone (static splits, w4), and
+            # before `river_from` none can be on the river
             backbone_on = exits.uses_backbone and (until is None or n < until)
+            river_on = use_river and (river_from is None or n >= river_from)
             bb = active & ~exited  # rows in the bf16 backbone at this layer
             rv = active & exited & (exits.after == AFTER_RIVER)
             frozen = active & exited & (exits.after != AFTER_RIVER)
@@ -285,7 +302,7 @@ class LlamaModel:
             kv_bf16 = bb  # (built only when the backbone runs: on the CPU every small op costs)
             if backbone_on:
                 kv_bf16 = bb | (frozen & (exits.after == AFTER_PROPAGATE))
-            for weights, rows, on in ((w, kv_bf16, backbone_on), (rw, rv, use_river)):
+            for weights, rows, on in ((w, kv_bf16, backbone_on), (rw, rv, river_on)):
                 if on:
                     ops.qkv_rope_store(
                         x, weights.qkv, self.cos, self.sin, batch.positions, kv.k[n], kv.v[n],
@@ -306,7 +323,7 @@ class LlamaModel:
                 kv_valid=kv.valid[n] if exits.uses_kv_mask else None,
                 scratch=scratch,
             ).reshape(b, -1)
-            paths = ((w, bb, backbone_on), (rw, rv, use_river))
+            paths = ((w, bb, backbone_on), (rw, rv, river_on))
             _two_path(ops.linear, a, "o", paths, a_out)
             h_mid = h + self._reduce(a_out)
             x, _ = ops.rms_norm(h_mid, self.post_norms[n], cfg.rms_norm_eps)
@@ -324,6 +341,9 @@ class LlamaModel:
         if exits.draft_head and self.draft_head is not None:
             return self._gather(ops.linear(x, self.draft_head)).float(), used
         if use_river and exits.river_head and self.river_head is not None:
+            if until is not None and until < cfg.num_layers:
+                # host-side: every row left at a fixed layer (static split, w4): all on the river
+                return self._gather(ops.linear(x, self.river_head)).float(), used
             # rows on the river path read the head's twin, the others the bf16 head
             on_river = active & exited & (exits.after == AFTER_RIVER)
             logits = torch.zeros(b, lc.vocab_size, dtype=self.dtype, device=dev)

@@ -46,15 +46,18 @@ class ModelRunner:
     """Owns the decode runner (CUDA graphs or the same step eagerly), the prefill sampling and
     the readback ring. `rows` = max_num_seqs."""
 
-    def __init__(self, model, kv, max_num_seqs: int, max_model_len: int):
+    def __init__(
+        self, model, kv, max_num_seqs: int, max_model_len: int, torch_compile: bool = False
+    ):
         self.model, self.kv = model, kv
         self.device = model.device
         max_blocks = blocks_needed(max_model_len, kv.block_size)
         # One code path on every device: graphs on CUDA; on the CPU the padded static step the
         # graphs capture, run eagerly (padding rows are masked out, so they cost ~nothing).
         self.decode = DecodeGraphRunner(
-            model, kv, max_num_seqs, max_blocks, pad_eager=True, sampler=True
-        )
+            model, kv, max_num_seqs, max_blocks, pad_eager=True, sampler=True,
+            torch_compile=torch_compile,
+        )  # fmt: skip
         self.rows = self.decode.board.shape[0] // 2
         cuda = self.device.type == "cuda"
         self._ring = torch.zeros(_RING, 2, 2 * self.rows, dtype=torch.int64, pin_memory=cuda)

@@ -183,6 +183,12 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
         help="shard the model across this many processes (one per GPU; gloo on the CPU); "
         "the server starts the other ranks itself, or run under torchrun (README)",
     )
+    arg(
+        "--torch-compile",
+        action="store_true",
+        help="CPU: decode steps through torch.compile (each batch size and exit mode compiles "
+        "once, tens of seconds, on first use)",
+    )
     from river.cli import precision_spec
 
     arg(
@@ -224,6 +230,7 @@ def config_from_args(args) -> ServerConfig:
         "device": args.device,
         "max_num_seqs": args.max_num_seqs,
         "tensor_parallel_size": args.tp,
+        "torch_compile": args.torch_compile,
     }
     if args.river_precision is not None:
         engine_kw["river_precision"] = args.river_precision

@@ -422,7 +422,7 @@ def test_sampled_exits_set_backbone_layers(tiny):
     runner = DecodeGraphRunner(model, kv, 8, MAX_BLOCKS, enabled=False, pad_eager=True)
     sampler = ForcedExitSampler(ExitHistogram([1, 1, 1, 1, 1]), LAYERS, rows=8, device="cpu")
     for mode in ("river", "propagate", "mask"):
-        exits = ExitParams.build([ExitConfig(mode, -1.0, 1)] * 8, "cpu")
+        exits = sampler.exit_params([ExitConfig(mode, -1.0, 1)] * 8, "cpu")
         seen = set()
         for s in range(4):
             k = sampler.fill(exits.min_layer, exits.start_exited)
@@ -489,8 +489,8 @@ def test_64_steps_without_host_sync(gpu_ckpt):
     prefill(model, kv, n, vocab=512, tables=tables)
     runner = DecodeGraphRunner(model, kv, 8, width, enabled=True)
     cur = decode_batch(tables, list(range(n)), [5] * n, "cuda", width=width)
-    exits = ExitParams.build([ExitConfig("river", -1.0, 2)] * n, "cuda")
     sampler = ForcedExitSampler(ExitHistogram([1, 2, 2, 2, 1]), LAYERS, rows=n, device="cuda")
+    exits = sampler.exit_params([ExitConfig("river", -1.0, 2)] * n, "cuda")
     used_sum = torch.zeros(LAYERS + 1, dtype=torch.int64, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -1,0 +1,143 @@
+"""The compiled CPU decode step (Engine(torch_compile=True), river.graphs.CompiledStep): which
+batches it takes, and that it gives the eager step's tokens.
+
+Compiling costs seconds per variant even on the tiny model, so the engine tests are in the slow
+suite; the host facts that decide which batches compile are checked in the quick one.
+"""
+
+import pytest
+import torch
+
+from river import Engine, EngineConfig, ExitConfig, SamplingParams
+from river.errors import ConfigError
+from river.exits import ExitParams
+from river.graphs import compilable, step_flags
+
+
+def flags(*configs):
+    return step_flags(ExitParams.build(list(configs), "cpu"))
+
+
+def test_host_layer_facts():
+    """backbone_until / river_from bound the layers each weight set can run in."""
+    full, w4 = ExitConfig("full"), ExitConfig("w4")
+    static3 = ExitConfig("river", -1.0, 3)
+    cosine = ExitConfig("river", 0.9, 2)
+    f = flags(static3)
+    assert (f["backbone_until"], f["river_from"]) == (3, 3)
+    f = flags(static3, w4)
+    assert (f["backbone_until"], f["river_from"]) == (3, 0)
+    f = flags(cosine)
+    assert (f["backbone_until"], f["river_from"]) == (None, 2)
+    f = flags(ExitConfig("river", -1.0, 0))  # min_layer 0 still runs layer 0 in the backbone
+    assert (f["backbone_until"], f["river_from"]) == (1, 1)
+    f = flags(full, ExitConfig("propagate"))
+    assert f["river_from"] is None and f["backbone_until"] is None
+    # the compiled step takes the batches whose host facts fix each layer's weight sets
+    assert compilable(flags(full)) and compilable(flags(w4)) and compilable(flags(full, w4))
+    assert compilable(flags(static3)) and compilable(flags(static3, w4))
+    assert not compilable(flags(cosine)) and not compilable(flags(ExitConfig("mask")))
+    assert not compilable(flags(full, static3))  # a full row never exits: no fixed split
+
+
+def test_config_errors(tiny_dir):
+    with pytest.raises(ConfigError, match="tensor parallelism"):
+        EngineConfig(torch_compile=True, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="'cpu' op set"):
+        EngineConfig(torch_compile=True, ops="reference")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Engine(str(tiny_dir), device="cuda", torch_compile=True)
+
+
+PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np"]
+
+
+@pytest.fixture(scope="module")
+def compiled32(tiny_dir):
+    return Engine(
+        str(tiny_dir),
+        EngineConfig(
+            device="cpu", dtype=torch.float32, block_size=8, num_blocks=64, max_num_seqs=4,
+            torch_compile=True,
+        ),
+    )  # fmt: skip
+
+
+def _both(engine, prompts, params):
+    """(compiled outputs, eager outputs) of the same requests on one engine."""
+    step = engine.runner.decode.compiled
+    try:
+        step.enabled = True
+        compiled = engine.generate(prompts, params)
+        step.enabled = False
+        eager = engine.generate(prompts, params)
+    finally:
+        step.enabled = True
+    return compiled, eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "exit_cfg",
+    [ExitConfig("full"), ExitConfig("w4"), ExitConfig("river")],
+    ids=["full", "w4", "river-default"],
+)
+def test_compiled_step_gives_eager_tokens_fp32(compiled32, exit_cfg):
+    """fp32: the compiled step's tokens and backbone layers are the eager step's, at a
+    batch of 1 and of 3 (bucket 4: a padding row), and the compiled step really ran."""
+    step = compiled32.runner.decode.compiled
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, exit=exit_cfg)
+    want = step_flags(ExitParams.build([exit_cfg], "cpu"))
+    for prompts, bucket in ((PROMPTS[:1], 1), (PROMPTS, 4)):
+        step.variants.clear()
+        compiled, eager = _both(compiled32, prompts, sp)
+        assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+        assert [o.backbone_layers for o in compiled] == [o.backbone_layers for o in eager]
+        ran = {(b, tuple(sorted(f))) for b, f, _ in step.variants}
+        assert (bucket, tuple(sorted(want.items()))) in ran  # rows finishing: smaller buckets
+
+
+@pytest.mark.slow
+def test_mixed_batch_and_per_token_rule(compiled32):
+    """A batch of full and w4 rows compiles (each layer runs both weight sets, each on its
+    own rows); a per-token cosine rule stays eager (a compiled step would read both weight
+    sets for every row)."""
+    step = compiled32.runner.decode.compiled
+    mixed = [
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, exit=ExitConfig(m))
+        for m in ("full", "w4", "full")
+    ]
+    before = set(step.variants)
+    compiled, eager = _both(compiled32, PROMPTS, mixed)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert [o.backbone_layers[1:] for o in compiled] == [[2] * 9, [0] * 9, [2] * 9]
+    new = set(step.variants) - before
+    assert any(dict(v[1])["uses_backbone"] and dict(v[1])["uses_river"] for v in new)
+
+    before = set(step.variants)
+    rule = SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, exit=ExitConfig("river", 0.5, 1)
+    )
+    compiled, eager = _both(compiled32, PROMPTS[:2], rule)
+    assert set(step.variants) == before  # never compiled
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+
+
+@pytest.mark.slow
+def test_compiled_step_bf16_packed_twins(tiny_dir):
+    """bf16 with the packed int4/int8 twins and sampling: the compiled step matches the
+    eager one (its fused norms round to bf16 where the eager ops do)."""
+    engine = Engine(
+        str(tiny_dir),
+        EngineConfig(
+            device="cpu", dtype=torch.bfloat16, block_size=8, num_blocks=64, max_num_seqs=4,
+            torch_compile=True,
+        ),
+    )  # fmt: skip
+    for exit_cfg in (ExitConfig("river"), ExitConfig("full")):
+        sp = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=3, exit=exit_cfg)
+        compiled, eager = _both(engine, PROMPTS[:2], sp)
+        assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert engine.runner.decode.compiled.variants
+    engine.generate(["ok"], SamplingParams(max_tokens=2))  # still usable
