@@ -319,29 +319,31 @@ def _traced_qkv_rope_store(
     return _select_rows(q, row_mask, q_out)
 
 
-def _attend(q, k_cache, v_cache, tables, lens, scale, kv_valid):
-    # q [B, Hq, D]; tables [B, W] int32 (-1 padded); lens int32 [B] -> [B, Hq, D].
-    # Gather each row's blocks, then torch's SDPA with GQA; a key mask only where rows differ
-    # in length (or KV masking left holes).
+def _attend(q, k_cache, v_cache, tables, lens, lens_host, scale, kv_valid):
+    # q [B, Hq, D]; tables [B, W] int32 (-1 padded); lens int32 [B] (lens_host: as a list)
+    # -> [B, Hq, D]. Gather each row's blocks (index_select: about half aten::index's cost on
+    # these sizes), then torch's SDPA with GQA; a key mask only where rows differ in length
+    # (or KV masking left holes).
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     n = tables.shape[1] * block_size
-    safe = tables.long().clamp_min(0)
-    k = k_cache[safe].view(b, n, hkv, d).transpose(1, 2)  # [B, Hkv, N, D]
-    v = v_cache[safe].view(b, n, hkv, d).transpose(1, 2)
+    one = b == 1 and kv_valid is None
+    # one row, cut to its own width: every entry is a block of its (no -1 padding)
+    blocks = tables.view(-1) if one else tables.clamp_min(0).view(-1)
+    k = k_cache.index_select(0, blocks).view(b, n, hkv, d)
+    v = v_cache.index_select(0, blocks).view(b, n, hkv, d)
     mask = None
-    lens_host = lens.tolist()
-    if kv_valid is not None or min(lens_host) != n:
-        if b == 1 and kv_valid is None:
-            k, v = k[:, :, : lens_host[0]], v[:, :, : lens_host[0]]
-        else:
-            mask = torch.arange(n).unsqueeze(0) < lens.unsqueeze(1).long()  # [B, N]
-            if kv_valid is not None:
-                mask &= kv_valid[safe].view(b, n)
-            mask = mask.view(b, 1, 1, n)
+    if one:
+        k, v = k[:, : lens_host[0]], v[:, : lens_host[0]]
+    elif kv_valid is not None or min(lens_host) != n:
+        mask = torch.arange(n).unsqueeze(0) < lens.unsqueeze(1).long()  # [B, N]
+        if kv_valid is not None:
+            mask &= kv_valid.index_select(0, blocks).view(b, n)
+        mask = mask.view(b, 1, 1, n)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv
-    )  # [B, Hq, 1, D]
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=hq != hkv,
+    )  # [B, Hq, 1, D]  # fmt: skip
     if mask is not None:  # a row with nothing to attend gives zeros, as in the reference
         out = out.nan_to_num(0.0)
     return out.view(b, hq, d)
@@ -363,8 +365,10 @@ def paged_decode_attention(
         return torch.zeros_like(q)
     rows = slice(None) if idx is None else idx
     lens = context_lens[rows]
-    width = -(-int(lens.max()) // k_cache.shape[1])
-    out = _attend(q[rows], k_cache, v_cache, block_tables[rows, :width], lens, scale, kv_valid)
+    lens_host = lens.tolist()
+    width = -(-max(lens_host) // k_cache.shape[1])
+    tables = block_tables[rows, :width]
+    out = _attend(q[rows], k_cache, v_cache, tables, lens, lens_host, scale, kv_valid)
     if idx is None:
         return out
     full = q.new_zeros(b, *q.shape[1:])
