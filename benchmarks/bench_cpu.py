@@ -5,7 +5,9 @@ happens to be installed, llama.cpp on the same GGUF. All in one run, one process
 What is timed: Engine.generate on B prompts with greedy decoding and ignore_eos, T new tokens
 each. Decode tok/s = B * (T - 1) / (end - time of the last first token): the prefill is left
 out so that prompt length does not blur the per-token cost. Each row is repeated --repeats
-times; the JSON keeps every repeat and the table shows the median with its min-max spread.
+times, the repeats interleaved across the rows of a batch size (every row's first repeat, then
+every row's second, ...) so that the machine's drift does not favour one row; the JSON keeps
+every repeat and the table shows the median with its min-max spread.
 
     python benchmarks/bench_cpu.py                     # default model, batches 1 and 8
     python benchmarks/bench_cpu.py --batches 1 --tokens 32 --repeats 2 --skip-hf
@@ -55,6 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (default 3)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    from river.cli import precision_spec
+
+    p.add_argument(
+        "--river-precision",
+        type=precision_spec,
+        default=None,
+        help="twin precision: w4, w8 or mix:B (default: the engine's, mix:0.43)",
+    )
     p.add_argument(
         "--compile",
         choices=("both", "on", "off"),
@@ -86,38 +96,54 @@ def _compilable(mode_kw) -> bool:
     return compilable(step_flags(ExitParams.build([ExitConfig(**mode_kw)], "cpu")))
 
 
-def time_engine(engine, mode_kw, batch, args, variants) -> dict:
-    """{variant: row} for variants among "eager" and "compiled", repeats interleaved so that
-    the machine's drift hits both alike."""
+def time_engine(engine, batch, args, todo) -> list[dict]:
+    """One row per (mode, variant) in `todo` (variant "eager" or "compiled"). Repeats are
+    interleaved across all of them (repeat 1 of every row, then repeat 2, ...), so that the
+    machine's drift, 15-30% over minutes on a shared VM, hits every row alike."""
     from river import ExitConfig, SamplingParams
 
-    exit_cfg = ExitConfig(**mode_kw)
-    sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, exit=exit_cfg)
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
     compiled = engine.runner.decode.compiled  # None unless Engine(torch_compile=True)
-    rows = {v: {"tok_s": [], "layers": []} for v in variants}
-    for v in variants:  # warm-up; compiled: the first call of each variant compiles it
+    rows = []
+    for mode, variant in todo:
+        exit_cfg = ExitConfig(**MODES[mode])
+        rows.append(
+            {
+                "name": f"river {mode}" + (COMPILED if variant == "compiled" else ""),
+                "batch": batch,
+                "variant": variant,
+                "params": SamplingParams(
+                    max_tokens=args.tokens, temperature=0.0, ignore_eos=True, exit=exit_cfg
+                ),
+                "tok_s": [],
+                "layers": [],
+            }
+        )
+
+    def use(row):
         if compiled is not None:
-            compiled.enabled = v == "compiled"
+            compiled.enabled = row["variant"] == "compiled"
+
+    for row in rows:  # warm-up; compiled: the first call of each variant compiles it
+        use(row)
         t = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, exit=exit_cfg))
-        rows[v]["warmup_s"] = time.perf_counter() - t
+        warm = SamplingParams(max_tokens=4, temperature=0.0, exit=row["params"].exit)
+        engine.generate(prompts, warm)
+        row["warmup_s"] = time.perf_counter() - t
     for _ in range(args.repeats):
-        for v in variants:
-            if compiled is not None:
-                compiled.enabled = v == "compiled"
-            outs = engine.generate(prompts, sp)
-            rows[v]["tok_s"].append(decode_rate(outs))
+        for row in rows:
+            use(row)
+            outs = engine.generate(prompts, row["params"])
+            row["tok_s"].append(decode_rate(outs))
             # Decode tokens only: the first token of each row comes from the full prefill.
-            decode_layers = [x for o in outs for x in o.backbone_layers[1:]]
-            rows[v]["layers"].append(statistics.mean(decode_layers))
+            row["layers"].append(statistics.mean(x for o in outs for x in o.backbone_layers[1:]))
     if compiled is not None:
         compiled.enabled = True
-    return {
-        v: {"tok_s": r["tok_s"], "backbone_layers": statistics.mean(r["layers"]),
-            "warmup_s": r["warmup_s"]}
-        for v, r in rows.items()
-    }  # fmt: skip
+    for row in rows:
+        row["backbone_layers"] = statistics.mean(row.pop("layers"))
+        del row["params"], row["variant"]
+        print(f"{row['name']} b={batch}: {median_spread(row['tok_s'])[0]:.1f} tok/s", flush=True)
+    return rows
 
 
 def time_hf(model_dir, dtype, batch, args) -> dict:
@@ -202,20 +228,22 @@ def main(argv=None) -> int:
     kw = {"device": "cpu", "torch_compile": args.compile != "off"}
     if args.dtype:
         kw["dtype"] = getattr(torch, args.dtype)
+    if args.river_precision:
+        kw["river_precision"] = args.river_precision
     engine = Engine(args.model, **kw)
     engine.ensure_river(progress=False)
     print(f"river: {engine.dtype}, {engine.num_threads} threads, ops {engine.model.ops.kind}")
     variants = {"both": ("compiled", "eager"), "on": ("compiled",), "off": ("eager",)}
     rows = []
+    # per-token exits run eagerly even in a compiling engine: those modes get no compiled row
+    todo = [
+        (m, v)
+        for m in args.modes
+        for v in variants[args.compile]
+        if v == "eager" or _compilable(MODES[m])
+    ]
     for b in args.batches:
-        for m in args.modes:
-            todo = variants[args.compile]
-            if not _compilable(MODES[m]):  # per-token exits: the engine runs them eagerly
-                todo = ("eager",)
-            for v, r in time_engine(engine, MODES[m], b, args, todo).items():
-                name = f"river {m}" + (COMPILED if v == "compiled" else "")
-                rows.append({"name": name, "batch": b, **r})
-                print(f"{name} b={b}: {median_spread(r['tok_s'])[0]:.1f} tok/s", flush=True)
+        rows += time_engine(engine, b, args, todo)
     model_dir = resolve_model_dir(args.model)
     if not args.skip_hf:
         for dt in (torch.float32, torch.bfloat16):
@@ -232,7 +260,12 @@ def main(argv=None) -> int:
     table = print_table(rows)
     out = pathlib.Path(args.out)
     meta = run_metadata("cpu")
-    meta.update(dtype=str(engine.dtype), threads=engine.num_threads, ops=engine.model.ops.kind)
+    meta.update(
+        dtype=str(engine.dtype),
+        threads=engine.num_threads,
+        ops=engine.model.ops.kind,
+        river_precision=engine.config.river_precision,
+    )
     payload = {
         "meta": meta,
         "config": {"tokens": args.tokens, "repeats": args.repeats, "model": str(model_dir)},
