@@ -141,3 +141,19 @@ def test_compiled_step_bf16_packed_twins(tiny_dir):
         assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     assert engine.runner.decode.compiled.variants
     engine.generate(["ok"], SamplingParams(max_tokens=2))  # still usable
+
+
+@pytest.mark.slow
+def test_compiled_step_follows_a_precision_switch(compiled32):
+    """New twins (another precision) reach the compiled step: its tokens stay the eager step's
+    after set_river_precision, and differ from the old twins' (so the switch was seen)."""
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, exit=ExitConfig("w4"))
+    before, _ = _both(compiled32, PROMPTS, sp)
+    old = compiled32.config.river_precision
+    try:
+        compiled32.set_river_precision("w8" if old != "w8" else "w4")
+        compiled, eager = _both(compiled32, PROMPTS, sp)
+        assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+        assert [o.token_ids for o in compiled] != [o.token_ids for o in before]
+    finally:
+        compiled32.set_river_precision(old)
