@@ -72,6 +72,12 @@ def parse_args(argv=None):
         " < t: ExitConfig(signal='update')), swept with --min-layers", None, float, note="none",
     )  # fmt: skip
     arguments.add_list(
+        p, "--batch-min-thresholds",
+        "cosine thresholds of the paper's batch_min policy (a layer is an exit for a row only "
+        "if every row of its decode batch still in the backbone passes; the batch is up to "
+        "--max-num-seqs scored texts), swept with --min-layers", None, float, note="none",
+    )  # fmt: skip
+    arguments.add_list(
         p, "--static-splits",
         "static-split baselines (every token runs k bf16 layers, the rest twins; scored "
         "through the decode path like the river rows)", None, int, note="none",
@@ -118,18 +124,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def key_of(mode, threshold, min_layer, precision=None, signal="cosine"):
+def key_of(mode, threshold, min_layer, precision=None, signal="cosine", policy="per_row"):
     """A row's identity; rows of modes that never read the twins have no precision."""
     if mode in ("full", "propagate", "mask"):
         precision = None
     key = f"{mode}|{threshold}|{min_layer}|{precision}"
-    return key if signal == "cosine" else f"{key}|{signal}"
+    key = key if signal == "cosine" else f"{key}|{signal}"
+    return key if policy == "per_row" else f"{key}|{policy}"
 
 
 def row_key(r):
     return key_of(
         r["mode"], r["threshold"], r["min_layer"], r.get("precision", "w4"),
-        r.get("signal", "cosine"),
+        r.get("signal", "cosine"), r.get("policy", "per_row"),
     )  # fmt: skip
 
 
@@ -196,13 +203,13 @@ def choose_default(rows, max_bytes):
     return max(cands, key=lambda r: (r["top1_agree"], -r["ppl"])) if cands else None
 
 
-def exit_of(mode, thr, ml, signal="cosine"):
+def exit_of(mode, thr, ml, signal="cosine", policy="per_row"):
     from river import ExitConfig
 
     if mode == "static":  # every token leaves the backbone after exactly min_layer layers
         return ExitConfig("river", threshold=-1.0, min_layer=ml)
     kw = {} if thr is None else {"threshold": thr, "min_layer": ml, "signal": signal}
-    return ExitConfig(mode, **kw)
+    return ExitConfig(mode, policy=policy, **kw)
 
 
 def main(argv=None):
@@ -304,23 +311,29 @@ def main(argv=None):
     }
     for precision in precisions:
         engine.set_river_precision(precision)
-        configs = [("w4", None, None, "cosine")]
-        configs += [("static", -1.0, k, "cosine") for k in args.static_splits or []]
+        per_row, batch_min = "per_row", "batch_min"
+        configs = [("w4", None, None, "cosine", per_row)]
+        configs += [("static", -1.0, k, "cosine", per_row) for k in args.static_splits or []]
         for mode in args.sweep_modes:
             for ml in args.min_layers:
                 for thr in args.thresholds if mode == "river" else args.baseline_thresholds:
-                    configs.append((mode, thr, ml, "cosine"))
+                    configs.append((mode, thr, ml, "cosine", per_row))
         for ml in args.min_layers:
-            configs += [("river", thr, ml, "update") for thr in args.update_thresholds or []]
-        for mode, thr, ml, signal in configs:
-            k = key_of(mode, thr, ml, precision, signal)
+            configs += [
+                ("river", thr, ml, "update", per_row) for thr in args.update_thresholds or []
+            ]
+            configs += [
+                ("river", thr, ml, "cosine", batch_min) for thr in args.batch_min_thresholds or []
+            ]
+        for mode, thr, ml, signal, policy in configs:
+            k = key_of(mode, thr, ml, precision, signal, policy)
             if k in old and "ppl" in old[k] and "bytes_8b" in old[k] and not args.rescore:
                 rows[k] = old[k]
                 continue
             if k in rows:
                 continue  # a twin-free mode already scored at another precision
             r, _, layers, _ = teacher_forced(
-                engine, pairs, exit_of(mode, thr, ml, signal), full_top1, full_lps
+                engine, pairs, exit_of(mode, thr, ml, signal, policy), full_top1, full_lps
             )
             engine.ensure_river(progress=False)
             bits = engine.river_bits if mode not in ("full", "propagate", "mask") else None
@@ -330,13 +343,15 @@ def main(argv=None):
                 "min_layer": ml,
                 "precision": precision if bits is not None else None,
                 **({"signal": signal} if mode == "river" else {}),
+                **({"policy": policy} if policy != per_row else {}),
                 **r,
                 **front.bytes_fields(engine, layers, bits),
                 "pass_at_1": None,
                 "run": this_run,
             }
             print(
-                f"{mode:9s} {precision} {signal} thr={thr} min_layer={ml}: ppl {r['ppl']:.3f} "
+                f"{mode:9s} {precision} {signal} {policy} thr={thr} min_layer={ml}: "
+                f"ppl {r['ppl']:.3f} "
                 f"(+-{100 * r['ppl_rel_se']:.2f}%) agree {r['top1_agree']:.3f} "
                 f"(+-{r['top1_agree_se']:.3f}) layers {r['backbone_layers']:.2f} "
                 f"bytes@8B {rows[k]['bytes_8b']:.3f}",
@@ -437,6 +452,8 @@ def print_table(rows, num_layers):
         mode = (
             r["mode"] if r.get("signal", "cosine") == "cosine" else f"{r['mode']} ({r['signal']})"
         )
+        if r.get("policy"):
+            mode = f"{mode} ({r['policy']})"
         print(
             f"| {mode} | {r.get('precision') or ''} | {thr} | {ml} | {r['ppl']:.3f}{se_p} "
             f"| {r.get('top1_agree', 1.0):.3f}{se_a} | {r['backbone_layers']:.2f} "

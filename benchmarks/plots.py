@@ -97,10 +97,18 @@ def quality_pareto(rows, num_layers, path, oracle=None):
                     [
                         r
                         for r in mine
-                        if r["mode"] == "river" and r.get("signal", "cosine") == "cosine"
+                        if r["mode"] == "river"
+                        and r.get("signal", "cosine") == "cosine"
+                        and "policy" not in r
                     ],
                     key=lambda r: r[bx],
                 )
+                bmin = sorted([r for r in mine if "policy" in r], key=lambda r: r[bx])
+                if bmin:
+                    ax.plot(
+                        [r[bx] for r in bmin], [y_of(r, key) for r in bmin], "^", color=c,
+                        ms=6, mfc="none", label=f"{prec}: river (cosine, batch_min)",
+                    )  # fmt: skip
                 update = sorted(
                     [r for r in mine if r.get("signal") == "update"], key=lambda r: r[bx]
                 )
