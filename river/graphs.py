@@ -107,6 +107,10 @@ class CompiledStep:
     of each variant compiles it (tens of seconds: the generated C++ is cached on disk by
     inductor, so a later process mostly retraces); later calls run one fused graph."""
 
+    # Steps a smaller batch runs padded in a larger compiled bucket before its own compiles:
+    # padding rows cost the int4/int8 matmuls their per-row work, a compile tens of seconds.
+    REUSE_STEPS = 32
+
     def __init__(self, fn):
         import torch._dynamo
 
@@ -118,7 +122,22 @@ class CompiledStep:
         # the norms' reductions)
         self._fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
         self.variants: set = set()  # (bucket, flags, greedy) run so far
+        self._asked: dict = {}  # steps that wanted a variant not compiled yet (see reuse)
         self.enabled = True  # False: the runner takes the eager step (benchmarks compare both)
+
+    def reuse(self, bucket: int, flags: dict, greedy: bool) -> int:
+        """The bucket to run a batch of `bucket`'s size in. Until its own variant has been
+        asked for REUSE_STEPS times, that is the smallest larger bucket already compiled for
+        these flags (its extra rows are padding), so that a batch shrinking as its requests
+        finish does not stall on a compile for each smaller bucket; after that, or when no
+        larger one is compiled, `bucket` itself (compiled on first use)."""
+        key = tuple(sorted(flags.items()))
+        if (bucket, key, greedy) in self.variants:
+            return bucket
+        done = [b for b, f, g in self.variants if f == key and g == greedy and b > bucket]
+        asked = self._asked.get((bucket, key, greedy), 0) + 1
+        self._asked[(bucket, key, greedy)] = asked
+        return min(done) if done and asked <= self.REUSE_STEPS else bucket
 
     def __call__(self, bucket: int, flags: dict, greedy: bool):
         self.variants.add((bucket, tuple(sorted(flags.items())), greedy))
@@ -304,23 +323,40 @@ class DecodeGraphRunner:
             )
         if self.sampler and sampling is None:
             raise ValueError("a sampler runner needs the rows' sampling settings")
-        self._load(batch, exits, active, bucket_for(n, self.buckets), sampling)
-        return self.replay(n, step_flags(exits, self.include_river), greedy)
+        flags = step_flags(exits, self.include_river)
+        bucket = bucket_for(n, self.buckets)
+        if self._compiles(flags):
+            bucket = self.compiled.reuse(bucket, flags, greedy)
+        self._load(batch, exits, active, bucket, sampling)
+        return self.replay(n, flags, greedy, bucket=bucket)
 
-    def replay(self, n: int, flags: dict | None = None, greedy: bool = False):
+    def _compiles(self, flags) -> bool:
+        """Whether an uncaptured step with these host flags runs compiled."""
+        return (
+            not self.use_graphs
+            and self.compiled is not None
+            and self.compiled.enabled
+            and compilable(flags)
+        )
+
+    def replay(
+        self, n: int, flags: dict | None = None, greedy: bool = False, bucket: int | None = None
+    ):
         """The step of bucket_for(n) on the static inputs as they are: those run() loaded, as
         the caller has since updated them in place (e.g. `inputs.positions[:n] += 1` and the
         sampled tokens copied into `inputs.input_ids[:n]`, all on the device). Rows n.. of the
-        bucket must still be padding, which holds while n stays the n of the last run()."""
+        bucket must still be padding, which holds while n stays the n of the last run().
+        bucket: the bucket run() loaded (None: bucket_for(n)); a compiled CPU step may run a
+        batch in a larger bucket it has already compiled (CompiledStep.reuse)."""
         if not self.padded:
             raise RuntimeError("replay() needs static inputs: graph mode or pad_eager=True")
-        bucket = bucket_for(n, self.buckets)
+        return self._replay(n, bucket or bucket_for(n, self.buckets), flags, greedy)
+
+    def _replay(self, n: int, bucket: int, flags: dict | None, greedy: bool):
         if any(self._dev.is_pad[:n]) or not all(self._dev.is_pad[n:bucket]):
             raise RuntimeError(f"the static inputs do not hold {n} real rows: run() first")
         if not self.use_graphs:
-            step = self._decode_static
-            if self.compiled is not None and self.compiled.enabled and compilable(flags):
-                step = self.compiled
+            step = self.compiled if self._compiles(flags) else self._decode_static
             out, used = step(bucket, flags, greedy)
         else:
             g = self._graphs[bucket]

@@ -169,3 +169,30 @@ def test_compiled_step_follows_a_precision_switch(compiled32):
         assert [o.token_ids for o in compiled] != [o.token_ids for o in before]
     finally:
         compiled32.set_river_precision(old)
+
+
+@pytest.mark.slow
+def test_shrinking_batch_reuses_a_larger_compiled_bucket(compiled32):
+    """Requests of different lengths: the batch shrinks from 3 rows (bucket 4) to 1, and the
+    smaller batches run padded in bucket 4 instead of compiling buckets 2 and 1, for up to
+    REUSE_STEPS steps; tokens stay the eager step's."""
+    step = compiled32.runner.decode.compiled
+    step.variants.clear()
+    step._asked.clear()
+    exit_cfg = ExitConfig("river")
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, exit=exit_cfg)
+        for m in (4, 8, 14)
+    ]
+    compiled, eager = _both(compiled32, PROMPTS, params)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert {b for b, _, _ in step.variants} == {4}
+    # past REUSE_STEPS steps a smaller batch compiles its own bucket
+    step.REUSE_STEPS = 3
+    try:
+        one = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, exit=exit_cfg)
+        compiled, eager = _both(compiled32, PROMPTS[:1], one)
+        assert compiled[0].token_ids == eager[0].token_ids
+        assert {b for b, _, _ in step.variants} == {1, 4}
+    finally:
+        del step.REUSE_STEPS  # back to the class default
