@@ -50,6 +50,14 @@ class Engine:
             raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
         if cfg.torch_compile and device.type != "cpu":
             raise ConfigError("torch_compile is for the CPU; CUDA decode steps are CUDA graphs")
+        if cfg.torch_compile:
+            from river.graphs import cpp_compiler
+
+            if cpp_compiler() is None:
+                raise ConfigError(
+                    "torch_compile needs a C++ compiler for inductor's CPU code (g++ or "
+                    "clang++ on PATH, or $CXX); none was found"
+                )
         dtype = cfg.dtype or (torch.bfloat16 if device.type == "cuda" else default_cpu_dtype())
         world = cfg.tensor_parallel_size
         # Tensor parallelism (river.parallel): `group` is this process's rank when the group

@@ -46,6 +46,7 @@ from river.model import ForwardBatch
 
 __all__ = [
     "CompiledStep",
+    "cpp_compiler",
     "compilable",
     "step_flags",
     "GraphBuckets",
@@ -95,6 +96,17 @@ def compilable(flags: dict | None) -> bool:
     bytes the eager step would skip: no row can leave the backbone mid-way (full, w4 and their
     mixes), or every row leaves at a fixed layer (a static split)."""
     return bool(flags) and (not flags["may_exit"] or flags["backbone_until"] is not None)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would build the compiled CPU step with, or None (then
+    torch_compile cannot work: inductor's CPU code is C++)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception:  # inductor raises its own error types when it finds none
+        return None
 
 
 # Each compiled variant (bucket x host flags x greedy) is one recompile of the same function;

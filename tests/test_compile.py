@@ -11,7 +11,10 @@ import torch
 from river import Engine, EngineConfig, ExitConfig, SamplingParams
 from river.errors import ConfigError
 from river.exits import ExitParams
-from river.graphs import compilable, step_flags
+from river.graphs import compilable, cpp_compiler, step_flags
+
+# inductor's CPU code is C++: without a compiler the engine refuses torch_compile (tested below)
+needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler for inductor")
 
 
 def flags(*configs):
@@ -48,6 +51,14 @@ def test_config_errors(tiny_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Engine(str(tiny_dir), device="cuda", torch_compile=True)
+
+
+def test_no_cpp_compiler_is_a_config_error(tiny_dir, monkeypatch):
+    import river.graphs
+
+    monkeypatch.setattr(river.graphs, "cpp_compiler", lambda: None)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        Engine(str(tiny_dir), device="cpu", torch_compile=True)
 
 
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np"]
@@ -90,6 +101,7 @@ def _both(engine, prompts, params):
 
 
 @pytest.mark.slow
+@needs_cxx
 @pytest.mark.parametrize(
     "exit_cfg",
     [ExitConfig("full"), ExitConfig("w4"), ExitConfig("river")],
@@ -111,6 +123,7 @@ def test_compiled_step_gives_eager_tokens_fp32(compiled32, exit_cfg):
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_mixed_batch_and_per_token_rule(compiled32):
     """A batch of full and w4 rows compiles (each layer runs both weight sets, each on its
     own rows); a per-token cosine rule stays eager (a compiled step would read both weight
@@ -137,6 +150,7 @@ def test_mixed_batch_and_per_token_rule(compiled32):
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_compiled_step_bf16_packed_twins(sharp_dir):
     """bf16 with the packed int4/int8 twins and sampling: the compiled step matches the
     eager one (its fused norms round to bf16 where the eager ops do)."""
@@ -156,6 +170,7 @@ def test_compiled_step_bf16_packed_twins(sharp_dir):
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_compiled_step_follows_a_precision_switch(compiled32):
     """New twins (another precision) reach the compiled step: its tokens stay the eager step's
     after set_river_precision, and differ from the old twins' (so the switch was seen)."""
@@ -172,6 +187,7 @@ def test_compiled_step_follows_a_precision_switch(compiled32):
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_shrinking_batch_reuses_a_larger_compiled_bucket(compiled32):
     """Requests of different lengths: the batch shrinks from 3 rows (bucket 4) to 1, and the
     smaller batches run padded in bucket 4 instead of compiling buckets 2 and 1, for up to
