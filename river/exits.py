@@ -189,14 +189,14 @@ class ExitParams:
             c.mode == "w4" or (c.mode == "river" and c.signal == "cosine" and c.threshold <= -1)
             for c in configs
         )
-        until = None
-        if static and configs:
-            until = max(0 if c.mode == "w4" else max(c.min_layer, 1) for c in configs)
+        # the first layer each twin-using row can be on the river; with a static batch (every
+        # row w4 or a static river) that is also the layer it leaves the backbone at
         firsts = [
             0 if c.mode == "w4" else max(c.min_layer, 1)
             for c in configs
             if c.mode in ("w4", "river")
         ]
+        until = max(firsts) if static and configs else None
         after = {
             "river": AFTER_RIVER,
             "w4": AFTER_RIVER,

@@ -362,9 +362,7 @@ class DecodeGraphRunner:
         batch in a larger bucket it has already compiled (CompiledStep.reuse)."""
         if not self.padded:
             raise RuntimeError("replay() needs static inputs: graph mode or pad_eager=True")
-        return self._replay(n, bucket or bucket_for(n, self.buckets), flags, greedy)
-
-    def _replay(self, n: int, bucket: int, flags: dict | None, greedy: bool):
+        bucket = bucket or bucket_for(n, self.buckets)
         if any(self._dev.is_pad[:n]) or not all(self._dev.is_pad[n:bucket]):
             raise RuntimeError(f"the static inputs do not hold {n} real rows: run() first")
         if not self.use_graphs:
