@@ -173,9 +173,9 @@ def _rowwise(fn, x, row_mask, out, width):
 
 # ------------------------------------------------------------------ compiled (traced) path
 # Three ops stay opaque to torch.compile. They are registered with torch.library's low-level
-# API (a few us a call; `torch.library.custom_op` costs ~10 more): the K/V store and attention
-# read row masks and context lengths on the host, and the bf16 GEMV would otherwise be
-# decomposed by inductor into a generic reduction loop ~2x slower than torch.mv.
+# API (a few us a call; `torch.library.custom_op` costs several times that): the K/V store and
+# attention read row masks and context lengths on the host, and the bf16 GEMV would otherwise
+# be decomposed by inductor into a generic reduction loop ~2x slower than torch.mv.
 _LIB = torch.library.Library("river_cpu", "DEF")
 _LIB.define("mv(Tensor w, Tensor x) -> Tensor")
 _LIB.define(
@@ -296,11 +296,7 @@ def qkv_rope_store(
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     qk = _rope(qkv[:, : (num_heads + num_kv_heads) * head_dim].view(m, -1, head_dim), c, s)
     q, k = qk[:, :num_heads], qk[:, num_heads:]
-    slots = slot_mapping.long()
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.view(m, num_kv_heads, head_dim).to(
-        v_cache.dtype
-    )
+    _store_kv(k_cache, v_cache, slot_mapping, k, v.view(m, num_kv_heads, head_dim), None)
     return q if q_out is None else q_out.copy_(q)
 
 
