@@ -212,3 +212,51 @@ def test_shrinking_batch_reuses_a_larger_compiled_bucket(compiled32):
         assert {b for b, _, _ in step.variants} == {1, 4}
     finally:
         del step.REUSE_STEPS  # back to the class default
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_guards_are_skipped_until_the_structure_changes(monkeypatch):
+    """A variant's second call skips dynamo's guards; after the structure token changes (here
+    a weight of another shape) the next call checks them again, so it recompiles instead of
+    running the stale graph."""
+    from river.graphs import CompiledStep
+
+    class Holder:
+        w = torch.ones(4)
+
+    h, version = Holder(), [0]
+    step = CompiledStep(lambda bucket, flags, greedy: h.w * bucket, lambda: version[0])
+    stances = []
+    real = torch.compiler.set_stance
+
+    def spy(*args, **kwargs):
+        stances.append(kwargs.get("skip_guard_eval_unsafe"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", spy)
+    assert torch.equal(step(2, {}, False), torch.full((4,), 2.0))
+    assert stances == []  # first call: guards checked
+    assert torch.equal(step(3, {}, True), torch.full((4,), 3.0))  # another variant: checked
+    assert torch.equal(step(2, {}, False), torch.full((4,), 2.0))
+    assert stances == [True]  # a variant already checked: skipped
+    h.w = torch.ones(5)
+    version[0] += 1
+    assert torch.equal(step(2, {}, False), torch.full((5,), 2.0))  # checked, recompiled
+    assert stances == [True]
+    assert torch.equal(step(2, {}, False), torch.full((5,), 2.0))
+    assert stances == [True, True]
+    step.skip_guards = False
+    step(2, {}, False)
+    assert stances == [True, True]
+
+
+def test_model_structure_version_counts_assignments(tiny_dir):
+    engine = Engine(str(tiny_dir), EngineConfig(device="cpu", dtype=torch.float32))
+    model = engine.model
+    v = model.structure_version
+    engine.ensure_river(progress=False)
+    assert model.structure_version > v  # attaching the twins
+    v = model.structure_version
+    engine.generate(["hi"], SamplingParams(max_tokens=3, exit=ExitConfig("river")))
+    assert model.structure_version == v  # decoding assigns nothing
