@@ -63,14 +63,6 @@ class ForwardBatch:
 
 
 class LlamaModel:
-    # Bumped by every attribute assignment (weights attached or swapped, tracing switched):
-    # a compiled CPU step re-checks its guards after a change (river.graphs.CompiledStep).
-    structure_version = 0
-
-    def __setattr__(self, name, value):
-        object.__setattr__(self, "structure_version", self.structure_version + 1)
-        object.__setattr__(self, name, value)
-
     def __init__(
         self, cfg: ModelConfig, weights: dict, device, dtype, max_positions: int, ops=None,
         tp=None,
