@@ -198,19 +198,26 @@ def time_llama_cpp(gguf, threads, args) -> dict | None:
 
 def print_table(rows) -> str:
     lines = [
-        "| engine / mode | batch | decode tok/s (median, min-max) | x full | bf16 layers/token |",
+        "| engine / mode | batch | decode tok/s (median, min-max) | x full (median, min-max) "
+        "| bf16 layers/token |",
         "|---|---|---|---|---|",
     ]
-    # each river row against river full of the same batch and the same step (compiled or not)
+    # Each river row against river full of the same batch and the same step (compiled or
+    # not), repeat by repeat: repeat i of both ran seconds apart (interleaved), so the ratio of
+    # each pair cancels the VM's slower drift, which the ratio of the two medians would not.
     full = {
-        (r["batch"], r["name"].endswith(COMPILED)): median_spread(r["tok_s"])[0]
+        (r["batch"], r["name"].endswith(COMPILED)): r["tok_s"]
         for r in rows
         if r["name"] in ("river full", "river full" + COMPILED)
     }
     for r in rows:
         med, lo, hi = median_spread(r["tok_s"])
         ref = full.get((r["batch"], r["name"].endswith(COMPILED)))
-        ratio = f"{med / ref:.2f}x" if ref else ""
+        ratio = ""
+        if ref and "backbone_layers" in r:  # a river row: interleaved with its full row
+            r["x_full"] = [a / b for a, b in zip(r["tok_s"], ref)]
+            rm, rlo, rhi = median_spread(r["x_full"])
+            ratio = f"{rm:.2f}x ({rlo:.2f}-{rhi:.2f})"
         layers = f"{r['backbone_layers']:.2f}" if "backbone_layers" in r else ""
         lines.append(
             f"| {r['name']} | {r['batch']} | {med:.1f} ({lo:.1f}-{hi:.1f}) | {ratio} | {layers} |"
