@@ -227,6 +227,52 @@ class Engine:
             return
         self.model.build_draft_head(self.config.river_group_size, self.config.river_method)
 
+    def warmup(
+        self, exit: ExitConfig | None = None, max_batch: int = 8, progress: bool = True
+    ) -> int:
+        """Compile the decode steps that requests of `exit` (default: full) will run, before
+        the first request needs them: with torch_compile, every batch bucket up to
+        `max_batch`, greedy and sampled (a server does this at start, as CUDA graphs are
+        captured at construction). Each new variant compiles once: tens of seconds with a cold
+        inductor cache, a few with a warm one. Returns how many variants it compiled: 0 without
+        torch_compile, or for exit rules that stay eager (river.graphs.compilable). The warm-up
+        steps are taken back out of exit_histogram()."""
+        from river.exits import ExitParams
+        from river.graphs import compilable, step_flags
+        from river.progress import progress_bar
+
+        step = self.runner.decode.compiled
+        exit = exit or FULL
+        if step is None or max_batch <= 0:
+            return 0
+        if exit.mode in ("w4", "river"):
+            self.ensure_river(progress=progress)
+        flags = step_flags(ExitParams.build([exit], "cpu"), self.runner.decode.include_river)
+        if not compilable(flags):
+            return 0
+        todo = [
+            (b, greedy)
+            for b in self.runner.decode.buckets
+            if b <= max_batch
+            for greedy in (True, False)
+            if (b, tuple(sorted(flags.items())), greedy) not in step.variants
+        ]
+        hist = self.runner.hist.clone()
+        prompt = self._ids("warm-up", True)
+        # ascending: a bucket runs in a larger compiled one instead of compiling (reuse())
+        with progress_bar(
+            total=len(todo), desc="compiling decode steps", unit="step", enabled=progress
+        ) as bar:
+            for b, greedy in todo:
+                # two tokens: the first comes from the prefill, the second from one decode step
+                params = SamplingParams(
+                    max_tokens=2, temperature=0.0 if greedy else 1.0, ignore_eos=True, exit=exit
+                )
+                self.generate([prompt] * b, params)
+                bar.update()
+        self.runner.hist.copy_(hist)
+        return len(todo)
+
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with this model's defaults filled in (its generation_config.json's

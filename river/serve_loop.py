@@ -140,6 +140,17 @@ class EngineLoop:
             engine = self._factory()
             if self.config.preload_river:
                 engine.ensure_river(progress=False)
+            if engine.config.torch_compile and self.config.warmup_max_batch:
+                log.info(
+                    "river serve: compiling the decode steps of batches up to %d rows "
+                    "(--warmup-max-batch; tens of seconds each with a cold inductor cache)",
+                    self.config.warmup_max_batch,
+                )
+                t = time.perf_counter()
+                n = engine.warmup(self.config.default_exit, self.config.warmup_max_batch, False)
+                log.info(
+                    "river serve: %d decode steps compiled in %.0f s", n, time.perf_counter() - t
+                )
             from river.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(engine.model_dir)

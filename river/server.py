@@ -38,6 +38,9 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # None: the model directory's name
     preload_river: bool = True  # build/load the 4-bit twins at start, not on the first request
+    # With torch_compile: compile the decode steps of default_exit requests for batches up to
+    # this many rows before reporting ready (Engine.warmup); 0: compile on first use instead.
+    warmup_max_batch: int = 8
 
     def __post_init__(self):
         from river.config import EngineConfig
@@ -51,6 +54,10 @@ class ServerConfig:
             raise ValueError(f"engine must be an EngineConfig, got {self.engine!r}")
         if not isinstance(self.default_exit, ExitConfig):
             raise ValueError(f"default_exit must be an ExitConfig, got {self.default_exit!r}")
+        if isinstance(self.warmup_max_batch, bool) or not isinstance(self.warmup_max_batch, int):
+            raise ValueError(f"warmup_max_batch must be an int, got {self.warmup_max_batch!r}")
+        if self.warmup_max_batch < 0:
+            raise ValueError(f"warmup_max_batch must be >= 0, got {self.warmup_max_batch}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
 
@@ -186,8 +193,16 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg(
         "--torch-compile",
         action="store_true",
-        help="CPU: decode steps through torch.compile (each batch size and exit mode compiles "
-        "once, tens of seconds, on first use)",
+        help="CPU: decode steps through torch.compile. Each batch size and exit mode compiles "
+        "once (tens of seconds with a cold inductor cache, a few seconds warm): those of the "
+        "default exit up to --warmup-max-batch rows at start, the others on first use",
+    )
+    arg(
+        "--warmup-max-batch",
+        type=int,
+        default=8,
+        help="with --torch-compile: compile the default exit's decode steps for batches up to "
+        "this many rows before /health reports ready (default 8; 0: compile on first use)",
     )
     from river.cli import precision_spec
 
@@ -243,6 +258,7 @@ def config_from_args(args) -> ServerConfig:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         preload_river=not args.lazy_river,
+        warmup_max_batch=args.warmup_max_batch,
     )
 
 

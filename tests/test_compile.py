@@ -212,3 +212,77 @@ def test_shrinking_batch_reuses_a_larger_compiled_bucket(compiled32):
         assert {b for b, _, _ in step.variants} == {1, 4}
     finally:
         del step.REUSE_STEPS  # back to the class default
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_warmup_compiles_every_bucket_before_the_first_request(sharp_dir):
+    """Engine.warmup compiles buckets 1, 2 (and 4 = max_num_seqs when asked) greedy and sampled
+    for the given exit, leaves the exit histogram as it was, and compiles nothing twice or for
+    a rule that stays eager; the requests that follow need no new variant."""
+    engine = Engine(
+        str(sharp_dir),
+        EngineConfig(
+            device="cpu", dtype=torch.float32, block_size=8, num_blocks=64, max_num_seqs=4,
+            torch_compile=True,
+        ),
+    )  # fmt: skip
+    step = engine.runner.decode.compiled
+    river = ExitConfig("river")
+    hist = engine.exit_histogram()
+    assert engine.warmup(river, max_batch=2, progress=False) == 4
+    assert {(b, g) for b, _, g in step.variants} == {(1, True), (1, False), (2, True), (2, False)}
+    assert engine.exit_histogram() == hist
+    assert engine.warmup(river, max_batch=2, progress=False) == 0  # already compiled
+    assert engine.warmup(ExitConfig("river", 0.5, 1), progress=False) == 0  # per-token: eager
+    before = set(step.variants)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, exit=river)
+    engine.generate(PROMPTS[:2], sp)
+    assert set(step.variants) == before
+    eager = Engine(str(sharp_dir), EngineConfig(device="cpu", dtype=torch.float32))
+    assert eager.warmup(river) == 0  # nothing to compile without torch_compile
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_server_warms_up_its_default_exit(sharp_dir):
+    """`river serve --torch-compile`: the default exit's steps are compiled before /health
+    reports ready, and a request is then served from them."""
+    import httpx
+
+    from river.server import ServerConfig, ServerHandle
+
+    engines = []
+
+    def factory():
+        engines.append(
+            Engine(
+                str(sharp_dir),
+                EngineConfig(
+                    device="cpu",
+                    dtype=torch.float32,
+                    block_size=8,
+                    num_blocks=64,
+                    max_num_seqs=4,
+                    torch_compile=True,
+                ),
+            )  # fmt: skip
+        )
+        return engines[-1]
+
+    cfg = ServerConfig(model=str(sharp_dir), default_exit=ExitConfig("w4"), warmup_max_batch=1)
+    with ServerHandle(cfg, engine_factory=factory) as h:
+        step = engines[0].runner.decode.compiled
+        assert {(b, g) for b, _, g in step.variants} == {(1, True), (1, False)}
+        r = httpx.post(
+            h.url + "/v1/completions",
+            json={
+                "model": sharp_dir.name,
+                "prompt": "def f(x):",
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert {(b, g) for b, _, g in step.variants} == {(1, True), (1, False)}

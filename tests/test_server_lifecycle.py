@@ -134,6 +134,13 @@ def test_serve_parser():
     assert config_from_args(args).engine.tensor_parallel_size == 2
     args = p.parse_args(["serve"])
     assert args.model is None and args.host == "127.0.0.1" and args.port == 8000
+    assert config_from_args(args).warmup_max_batch == 8
+    args = p.parse_args(["serve", "--torch-compile", "--warmup-max-batch", "0"])
+    cfg = config_from_args(args)
+    assert cfg.engine.torch_compile and cfg.warmup_max_batch == 0
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="warmup_max_batch"):
+            ServerConfig(warmup_max_batch=bad)
 
 
 def test_serve_subprocess(tiny_dir, ref):
