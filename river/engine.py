@@ -235,16 +235,16 @@ class Engine:
         `max_batch`, greedy and sampled (a server does this at start, as CUDA graphs are
         captured at construction). Each new variant compiles once: tens of seconds with a cold
         inductor cache, a few with a warm one. Returns how many variants it compiled: 0 without
-        torch_compile, or for exit rules that stay eager (river.graphs.compilable). The warm-up
-        steps are taken back out of exit_histogram()."""
+        torch_compile, for exit rules that stay eager (river.graphs.compilable) and for
+        lossless. The warm-up steps are taken back out of exit_histogram()."""
         from river.exits import ExitParams
         from river.graphs import compilable, step_flags
         from river.progress import progress_bar
 
         step = self.runner.decode.compiled
         exit = exit or FULL
-        if step is None or max_batch <= 0:
-            return 0
+        if step is None or max_batch <= 0 or exit.mode == "lossless":
+            return 0  # (lossless rows run their own draft/verify step, not the decode step)
         if exit.mode in ("w4", "river"):
             self.ensure_river(progress=progress)
         flags = step_flags(ExitParams.build([exit], "cpu"), self.runner.decode.include_river)
@@ -259,7 +259,8 @@ class Engine:
         ]
         hist = self.runner.hist.clone()
         prompt = self._ids("warm-up", True)
-        # ascending: a bucket runs in a larger compiled one instead of compiling (reuse())
+        # Ascending: had a larger bucket compiled first, a smaller batch would run padded in
+        # it (CompiledStep.reuse) instead of compiling its own.
         with progress_bar(
             total=len(todo), desc="compiling decode steps", unit="step", enabled=progress
         ) as bar:

@@ -235,6 +235,7 @@ def test_warmup_compiles_every_bucket_before_the_first_request(sharp_dir):
     assert engine.exit_histogram() == hist
     assert engine.warmup(river, max_batch=2, progress=False) == 0  # already compiled
     assert engine.warmup(ExitConfig("river", 0.5, 1), progress=False) == 0  # per-token: eager
+    assert engine.warmup(ExitConfig("lossless", 0.5, 1), progress=False) == 0  # own step
     before = set(step.variants)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, exit=river)
     engine.generate(PROMPTS[:2], sp)
