@@ -1,6 +1,7 @@
 """CPU decode speed of river's Engine (the path users run) per exit mode, beside Hugging Face
 transformers (eager, fp32 and bf16) with the same weights and, when the `llama_cpp` package
-happens to be installed, llama.cpp on the same GGUF. All in one run, one process.
+happens to be installed, llama.cpp on the same GGUF. All in one run (llama.cpp in a child
+process, so that a build the CPU cannot run costs only its row).
 
 What is timed: Engine.generate on B prompts with greedy decoding and ignore_eos, T new tokens
 each. Decode tok/s = B * (T - 1) / (end - time of the last first token): the prefill is left
@@ -179,21 +180,45 @@ def time_hf(model_dir, dtype, batch, args) -> dict:
     return {"tok_s": rates}
 
 
+# Run in a child process: a llama.cpp build can use instructions the VM does not allow (a
+# build with AMX tiles died of SIGILL here), which would end the benchmark and lose its rows.
+_LLAMA_CPP = """
+import json, sys, time
+import llama_cpp
+gguf, threads, tokens, repeats, prompt = sys.argv[1:6]
+tokens, repeats = int(tokens), int(repeats)
+llm = llama_cpp.Llama(model_path=gguf, n_threads=int(threads), n_ctx=512, verbose=False)
+rates = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    llm(prompt, max_tokens=1)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    llm(prompt, max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    rates.append((tokens - 1) / max(time.perf_counter() - t - prefill, 1e-9))
+print(json.dumps({"tok_s": rates, "version": llama_cpp.__version__}))
+"""
+
+
 def time_llama_cpp(gguf, threads, args) -> dict | None:
-    try:
-        import llama_cpp
-    except ImportError:
+    """llama.cpp (llama-cpp-python) on the same GGUF at batch 1, or None when it is not
+    installed or its process fails (reported on stderr)."""
+    import importlib.util
+    import json
+    import subprocess
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_ctx=512, verbose=False)
-    rates = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        llm(PROMPTS[0], max_tokens=1)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        llm(PROMPTS[0], max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-        rates.append((args.tokens - 1) / max(time.perf_counter() - t - prefill, 1e-9))
-    return {"tok_s": rates}
+    argv = [str(gguf), str(threads), str(args.tokens), str(args.repeats), PROMPTS[0]]
+    r = subprocess.run(
+        [sys.executable, "-c", _LLAMA_CPP, *argv], capture_output=True, text=True, timeout=3600
+    )
+    if r.returncode != 0:
+        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
+        tail = r.stderr.strip().splitlines()[-1:] or [""]
+        print(f"llama.cpp failed ({why}) {tail[0][:200]}; no llama.cpp row", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows) -> str:
@@ -263,7 +288,8 @@ def main(argv=None) -> int:
 
         r = time_llama_cpp(default_gguf_path(), engine.num_threads, args)
         if r is not None:
-            rows.append({"name": "llama.cpp (same GGUF)", "batch": 1, **r})
+            name = f"llama.cpp {r.pop('version')} (same GGUF, {engine.num_threads} threads)"
+            rows.append({"name": name, "batch": 1, **r})
     table = print_table(rows)
     out = pathlib.Path(args.out)
     meta = run_metadata("cpu")

@@ -25,3 +25,21 @@ def test_x_full_pairs_each_repeat_with_its_full_repeat(capsys):
     assert "x_full" not in eager  # no eager full row to pair with
     assert "x_full" not in hf  # timed apart from the river rows: no pairing
     assert "| HF transformers eager float32 | 1 | 21.0 (20.0-22.0) |  |  |" in text
+
+
+def test_a_crashing_llama_cpp_costs_only_its_row(monkeypatch, capsys):
+    """llama.cpp runs in a child process: one that dies (here of SIGILL, as a build with
+    instructions the VM forbids did) gives no row instead of ending the benchmark."""
+    import importlib.util
+    import subprocess
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    died = subprocess.CompletedProcess([], -4, "", "")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: died)
+    args = SimpleNamespace(tokens=8, repeats=1)
+    assert bench.time_llama_cpp("m.gguf", 2, args) is None
+    assert "signal 4" in capsys.readouterr().err
+    ok = subprocess.CompletedProcess([], 0, '{"tok_s": [100.0], "version": "0.3"}\n', "")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ok)
+    assert bench.time_llama_cpp("m.gguf", 2, args) == {"tok_s": [100.0], "version": "0.3"}
