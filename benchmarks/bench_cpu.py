@@ -194,8 +194,10 @@ for _ in range(repeats):
     llm(prompt, max_tokens=1)
     prefill = time.perf_counter() - t
     t = time.perf_counter()
-    llm(prompt, max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    rates.append((tokens - 1) / max(time.perf_counter() - t - prefill, 1e-9))
+    # (no ignore_eos in llama-cpp-python: a -1e9 bias keeps the EOS token from being sampled)
+    out = llm(prompt, max_tokens=tokens, temperature=0.0, logit_bias={llm.token_eos(): -1e9})
+    n = out["usage"]["completion_tokens"]
+    rates.append((n - 1) / max(time.perf_counter() - t - prefill, 1e-9))
 print(json.dumps({"tok_s": rates, "version": llama_cpp.__version__}))
 """
 
