@@ -255,7 +255,7 @@ class Engine:
             for b in self.runner.decode.buckets
             if b <= max_batch
             for greedy in (True, False)
-            if (b, tuple(sorted(flags.items())), greedy) not in step.variants
+            if step.key(b, flags, greedy) not in step.variants
         ]
         hist = self.runner.hist.clone()
         prompt = self._ids("warm-up", True)

@@ -141,22 +141,27 @@ class CompiledStep:
         self._asked: dict = {}  # steps that wanted a variant not compiled yet (see reuse)
         self.enabled = True  # False: the runner takes the eager step (benchmarks compare both)
 
+    @staticmethod
+    def key(bucket: int, flags: dict, greedy: bool) -> tuple:
+        """How `variants` names the compiled step of (bucket, flags, greedy)."""
+        return (bucket, tuple(sorted(flags.items())), greedy)
+
     def reuse(self, bucket: int, flags: dict, greedy: bool) -> int:
         """The bucket to run a batch of `bucket`'s size in. Until its own variant has been
         asked for REUSE_STEPS times, that is the smallest larger bucket already compiled for
         these flags (its extra rows are padding), so that a batch shrinking as its requests
         finish does not stall on a compile for each smaller bucket; after that, or when no
         larger one is compiled, `bucket` itself (compiled on first use)."""
-        key = tuple(sorted(flags.items()))
-        if (bucket, key, greedy) in self.variants:
+        want = self.key(bucket, flags, greedy)
+        if want in self.variants:
             return bucket
-        done = [b for b, f, g in self.variants if f == key and g == greedy and b > bucket]
-        asked = self._asked.get((bucket, key, greedy), 0) + 1
-        self._asked[(bucket, key, greedy)] = asked
+        done = [b for b, f, g in self.variants if (f, g) == want[1:] and b > bucket]
+        asked = self._asked.get(want, 0) + 1
+        self._asked[want] = asked
         return min(done) if done and asked <= self.REUSE_STEPS else bucket
 
     def __call__(self, bucket: int, flags: dict, greedy: bool):
-        self.variants.add((bucket, tuple(sorted(flags.items())), greedy))
+        self.variants.add(self.key(bucket, flags, greedy))
         with torch.inference_mode():
             return self._fn(bucket, flags, greedy)
 

@@ -76,15 +76,20 @@ def sharp_dir(tmp_path_factory, default_model_dir):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def compiled32(sharp_dir):
+def compiled_engine(model_dir, dtype=torch.float32) -> Engine:
+    """A small torch_compile engine on the sharp model (4 rows: buckets 1, 2, 4)."""
     return Engine(
-        str(sharp_dir),
+        str(model_dir),
         EngineConfig(
-            device="cpu", dtype=torch.float32, block_size=8, num_blocks=64, max_num_seqs=4,
+            device="cpu", dtype=dtype, block_size=8, num_blocks=64, max_num_seqs=4,
             torch_compile=True,
         ),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compiled32(sharp_dir):
+    return compiled_engine(sharp_dir)
 
 
 def _both(engine, prompts, params):
@@ -154,13 +159,7 @@ def test_mixed_batch_and_per_token_rule(compiled32):
 def test_compiled_step_bf16_packed_twins(sharp_dir):
     """bf16 with the packed int4/int8 twins and sampling: the compiled step matches the
     eager one (its fused norms round to bf16 where the eager ops do)."""
-    engine = Engine(
-        str(sharp_dir),
-        EngineConfig(
-            device="cpu", dtype=torch.bfloat16, block_size=8, num_blocks=64, max_num_seqs=4,
-            torch_compile=True,
-        ),
-    )  # fmt: skip
+    engine = compiled_engine(sharp_dir, torch.bfloat16)
     for exit_cfg in (ExitConfig("river"), ExitConfig("full")):
         sp = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=3, exit=exit_cfg)
         compiled, eager = _both(engine, PROMPTS[:2], sp)
@@ -220,13 +219,7 @@ def test_warmup_compiles_every_bucket_before_the_first_request(sharp_dir):
     """Engine.warmup compiles buckets 1, 2 (and 4 = max_num_seqs when asked) greedy and sampled
     for the given exit, leaves the exit histogram as it was, and compiles nothing twice or for
     a rule that stays eager; the requests that follow need no new variant."""
-    engine = Engine(
-        str(sharp_dir),
-        EngineConfig(
-            device="cpu", dtype=torch.float32, block_size=8, num_blocks=64, max_num_seqs=4,
-            torch_compile=True,
-        ),
-    )  # fmt: skip
+    engine = compiled_engine(sharp_dir)
     step = engine.runner.decode.compiled
     river = ExitConfig("river")
     hist = engine.exit_histogram()
@@ -256,19 +249,7 @@ def test_server_warms_up_its_default_exit(sharp_dir):
     engines = []
 
     def factory():
-        engines.append(
-            Engine(
-                str(sharp_dir),
-                EngineConfig(
-                    device="cpu",
-                    dtype=torch.float32,
-                    block_size=8,
-                    num_blocks=64,
-                    max_num_seqs=4,
-                    torch_compile=True,
-                ),
-            )  # fmt: skip
-        )
+        engines.append(compiled_engine(sharp_dir))
         return engines[-1]
 
     cfg = ServerConfig(model=str(sharp_dir), default_exit=ExitConfig("w4"), warmup_max_batch=1)

@@ -230,7 +230,9 @@ def test_guard_fails_a_step_with_a_planted_sync(tiny_fp32, monkeypatch, planted)
         tiny_fp32.generate("Hello", SamplingParams(max_tokens=4, temperature=0.0))
     monkeypatch.undo()
     assert_pool_full(tiny_fp32)
-    assert len(tiny_fp32.generate("Hello", SamplingParams(max_tokens=3))[0].token_ids) == 3
+    # still usable (ignore_eos: an unseeded sample of the tiny model can be EOS at once)
+    out = tiny_fp32.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
