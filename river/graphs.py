@@ -132,7 +132,7 @@ class CompiledStep:
         # emulate_precision_casts: fused kernels round to bf16 where the eager ops do, so the
         # compiled step gives the eager step's tokens (fp32: identical; bf16: up to the order of
         # the norms' reductions). size_asserts off: the generated code would check the size and
-        # stride of ~500 tensors per step at ~1 us each (0.5-0.9 ms of a ~19 ms river step at
+        # stride of ~500 tensors per step at ~0.6 us each (0.3-0.6 ms of a ~19 ms river step at
         # batch 1), which dynamo's guards already vouch for.
         self._fn = torch.compile(
             fn, dynamic=False, options={"emulate_precision_casts": True, "size_asserts": False}
