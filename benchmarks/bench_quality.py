@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
     p.add_argument(
         "--calibration",
-        default="random-tokens",
-        choices=["random-tokens", "none"],
+        default="self-samples",
+        choices=["self-samples", "random-tokens", "none"],
         help="activation weighting of the quantizer's error (river.calibrate)",
     )
     arguments.add_list(

@@ -167,9 +167,11 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # tokens in one prefill batch
     river_group_size: int = 64
     river_method: str = "hqq"
-    # "random-tokens": weight the quantizer's error by each channel's mean squared activation,
-    # measured on random token ids (river.calibrate; no data); "none": plain weight MSE.
-    river_calibration: str = "random-tokens"
+    # How the quantizer weights each input channel's error (river.calibrate; no outside data):
+    # "self-samples" by its mean squared activation on text the model writes itself (16 x 256
+    # tokens, once per model), "random-tokens" the same on random token ids, "none" plain
+    # weight MSE.
+    river_calibration: str = "self-samples"
     # Twin precision (river.precision): "w4", "w8" or "mix:B" (8-bit where it buys the most
     # quality per byte, the twins reading B x bf16's bytes).
     # Default "mix:0.43": with the default river (one bf16 layer, then twins) a decode token
@@ -197,9 +199,9 @@ class EngineConfig:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.river_method not in ("rtn", "hqq"):  # river.quantize.METHODS
             raise ConfigError(f"river_method must be 'rtn' or 'hqq', got {self.river_method!r}")
-        if self.river_calibration not in ("random-tokens", "none"):
+        if self.river_calibration not in ("self-samples", "random-tokens", "none"):
             raise ConfigError(
-                f"river_calibration must be 'random-tokens' or 'none', got "
+                f"river_calibration must be 'self-samples', 'random-tokens' or 'none', got "
                 f"{self.river_calibration!r}"
             )
         from river.precision import TwinPrecision

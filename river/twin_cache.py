@@ -25,9 +25,15 @@ from river.w4_methods import ALGO_VERSION, METHODS
 from river.w8 import W8_FORMAT_VERSION, W8Weight, quantize_w8
 
 
-def cache_file_name(group_size: int, method: str, weighted: bool = False, bits: int = 4) -> str:
+def cache_file_name(
+    group_size: int, method: str, weighted: bool = False, bits: int = 4, importance_tag: str = ""
+) -> str:
     # The "river-" prefix matters: river.checkpoint skips such files when globbing for shards.
-    act = "-act" if weighted else ""
+    # One file per statistics source, so that switching river_calibration back and forth
+    # does not rebuild the twins every time ("-act": random tokens, the first source).
+    act = ""
+    if weighted:
+        act = "-act-self" if importance_tag.startswith("act-msq:self-samples") else "-act"
     if bits == 8:
         return f"river-w8-channel{act}.safetensors"
     return f"river-w4-g{group_size}-{method}{act}.safetensors"
@@ -170,10 +176,11 @@ def load_or_quantize(
     importance_tag names how it was measured and is part of the cache identity (a different
     measurement rebuilds the cache).
 
-    The cache is `model_dir/river-w4-g{G}-{method}[-act].safetensors`; when model_dir is not
-    writable it goes to `cache_dir`, or to `$RIVER_HOME/quant/<hash of model_dir>` (RIVER_HOME
-    defaults to ~/.cache/river). A cache whose metadata (format/algorithm version, group size,
-    method, fingerprint of the source weights) does not match is ignored and rebuilt.
+    The cache is `model_dir/river-w4-g{G}-{method}[-act|-act-self].safetensors`; when model_dir
+    is not writable it goes to `cache_dir`, or to `$RIVER_HOME/quant/<hash of model_dir>`
+    (RIVER_HOME defaults to ~/.cache/river). A cache whose metadata (format/algorithm version,
+    group size, method, fingerprint of the source weights) does not match is ignored and
+    rebuilt.
     Scales/zeros come back float32 on CPU; the caller casts them to its compute dtype.
     """
     if bits not in (4, 8):
@@ -185,7 +192,10 @@ def load_or_quantize(
     if importance is not None and not importance_tag:
         raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
     model_dir = pathlib.Path(model_dir)
-    name = cache_file_name(group_size, method, weighted=importance is not None, bits=bits)
+    name = cache_file_name(
+        group_size, method, weighted=importance is not None, bits=bits,
+        importance_tag=importance_tag,
+    )  # fmt: skip
     candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
     tag = importance_tag if importance is not None else ""
     meta = _metadata(group_size, method, fingerprint(named_weights), named_weights, tag, bits)

@@ -49,6 +49,14 @@ def build_twins(engine, progress: bool = True):
     announce = announce if progress else None
     fp32_models = {}
 
+    def fp32_cpu(ops):
+        if ops not in fp32_models:
+            fp32_models[ops] = LlamaModel(
+                engine.model_config, weights, "cpu", torch.float32, engine.max_model_len,
+                ops=ops,
+            )  # fmt: skip
+        return fp32_models[ops]
+
     def reference_model(ops):
         # Measurements that name a cache must not depend on the CPU path's dtype: a bf16 CPU
         # engine measures them with an fp32 model (`ops`: "reference" for the importance
@@ -57,23 +65,30 @@ def build_twins(engine, progress: bool = True):
         # (a tensor-parallel engine's model is one rank's shard: measure on a whole model)
         if engine.tp is None and (engine.device.type != "cpu" or engine.dtype == torch.float32):
             return engine.model
-        if ops not in fp32_models:
-            fp32_models[ops] = LlamaModel(
-                engine.model_config, weights, "cpu", torch.float32, engine.max_model_len,
-                ops=ops,
-            )  # fmt: skip
-        return fp32_models[ops]
+        return fp32_cpu(ops)
+
+    def sampling_model():
+        # The model that writes the self-samples: float32 on the CPU whatever the engine's
+        # device, so that every machine draws the same tokens and builds the same twins.
+        if engine.tp is None and engine.device.type == "cpu" and engine.dtype == torch.float32:
+            return engine.model
+        return fp32_cpu("cpu")
 
     importance, tag = None, ""
-    if cfg.river_calibration == "random-tokens":
-        from river.calibrate import Calibration, activation_importance
+    if cfg.river_calibration != "none":
+        from river.calibrate import RANDOM_TOKENS, SELF_SAMPLES, activation_importance, own_samples
 
-        calib = Calibration()
+        calib = SELF_SAMPLES if cfg.river_calibration == "self-samples" else RANDOM_TOKENS
         measured = {}
 
         def importance():
             if "imp" not in measured:  # once for both formats
-                measured["imp"] = activation_importance(reference_model("reference"), calib)
+                ids = None
+                if calib.source == "self-samples":
+                    ids = own_samples(sampling_model(), calib)
+                measured["imp"] = activation_importance(
+                    reference_model("reference"), calib, ids=ids
+                )
             return measured["imp"]
 
         tag = calib.tag

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from river.calibrate import Calibration, activation_importance, random_tokens
+from river.calibrate import (
+    RANDOM_TOKENS,
+    SELF_SAMPLES,
+    Calibration,
+    activation_importance,
+    own_samples,
+    random_tokens,
+)
 from river.config import PROJECTIONS
 from river.engine import Engine
 
@@ -20,11 +27,79 @@ def test_random_tokens_are_seeded_in_range_and_start_with_bos():
     assert "3x17" in c.tag and "seed5" in c.tag and c.tag != Calibration().tag
 
 
-def test_calibration_rejects_empty_shapes():
+def test_calibration_rejects_empty_shapes_and_unknown_sources():
     with pytest.raises(ValueError, match="num_seqs"):
         Calibration(num_seqs=0)
     with pytest.raises(ValueError, match="seq_len"):
         Calibration(seq_len=1)
+    with pytest.raises(ValueError, match="source"):
+        Calibration(source="text")
+    with pytest.raises(ValueError, match="temperature"):
+        Calibration(source="self-samples", temperature=0.0)
+
+
+def test_the_two_sources_name_different_caches():
+    assert SELF_SAMPLES.tag != RANDOM_TOKENS.tag and "self-samples" in SELF_SAMPLES.tag
+    assert SELF_SAMPLES.tag != Calibration(16, 256, seed=1, source="self-samples").tag
+    assert "t0.5" in Calibration(source="self-samples", temperature=0.5).tag
+
+
+def test_own_samples_are_the_models_decoding(tiny_dir, monkeypatch):
+    """Every decode step of the sampling loop gives the logits a whole-sequence prefill of the
+    sampled tokens gives at that position (positions, cache slots, one step for all rows), at a
+    vanishing temperature the samples are the model's greedy continuations of BOS, and at
+    temperature 1 they are seeded, reproducible and in the vocabulary."""
+    from river.kv_cache import KVCache, blocks_needed
+    from river.sampling import SamplingParams
+    from river.scheduler import prefill_forward_batch
+
+    engine = Engine(tiny_dir, device="cpu", kv_cache_tokens=512, dtype=torch.float32)
+    model = engine.model
+    steps = []
+    decode = model.decode
+
+    def spy(*args, **kw):
+        out = decode(*args, **kw)
+        steps.append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(model, "decode", spy)
+    calib = Calibration(num_seqs=3, seq_len=21, source="self-samples", seed=2)
+    ids = own_samples(model, calib)
+    monkeypatch.undo()
+    assert len(steps) == 19  # the first token from BOS's prefill, the last one not fed back
+    s, n = ids.shape
+    per = blocks_needed(n, 16)
+    kv = KVCache(2, s * per, 16, model.cfg.num_kv_heads, model.cfg.head_dim, torch.float32, "cpu")
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(s)]
+    batch = prefill_forward_batch(ids.tolist(), tables, 16, "cpu")
+    whole = model.prefill(batch, kv, all_logits=True).view(s, n, -1)
+    for step, logits in enumerate(steps):
+        torch.testing.assert_close(logits, whole[:, step + 1], atol=1e-4, rtol=1e-4)
+
+    cfg = engine.model_config
+    bos = cfg.bos_token_id
+    cold = Calibration(num_seqs=2, seq_len=20, source="self-samples", temperature=1e-6)
+    ids = own_samples(model, cold)
+    assert ids.shape == (2, 20) and ids.dtype == torch.int64
+    assert bool((ids[:, 0] == bos).all())
+    greedy = engine.generate([[bos]], SamplingParams(max_tokens=19, temperature=0.0,
+                                                     ignore_eos=True))[0].token_ids  # fmt: skip
+    assert ids[0, 1:].tolist() == greedy and ids[1, 1:].tolist() == greedy
+
+    warm = Calibration(num_seqs=3, seq_len=24, source="self-samples", seed=3)
+    a = own_samples(model, warm)
+    assert torch.equal(a, own_samples(model, warm))
+    assert int(a.min()) >= 0 and int(a.max()) < cfg.vocab_size
+    assert not torch.equal(a[0], a[1])  # each row draws its own tokens
+    other = own_samples(model, Calibration(3, 24, source="self-samples", seed=4))
+    assert not torch.equal(a, other)
+    # the statistics read exactly the ids they are given
+    imp = activation_importance(model, warm, ids=a)
+    again = activation_importance(model, warm)  # draws the same samples itself
+    assert torch.equal(imp["layers.1.down"], again["layers.1.down"])
+    rand = activation_importance(model, Calibration(3, 24, seed=3))
+    assert not torch.equal(imp["layers.1.down"], rand["layers.1.down"])
 
 
 def test_activation_importance_equals_hf_forward_hooks(tiny_dir):
@@ -81,8 +156,48 @@ def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_pa
     kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w4"}
     plain = Engine(model_dir, river_calibration="none", **kw)
     plain.ensure_river(progress=False)
-    weighted = Engine(model_dir, **kw)
+    weighted = Engine(model_dir, **kw)  # the default: the model's own samples
     weighted.ensure_river(progress=False)
+    rand = Engine(model_dir, river_calibration="random-tokens", **kw)
+    rand.ensure_river(progress=False)
     assert (model_dir / "river-w4-g64-hqq.safetensors").is_file()
+    assert (model_dir / "river-w4-g64-hqq-act-self.safetensors").is_file()
     assert (model_dir / "river-w4-g64-hqq-act.safetensors").is_file()
-    assert not torch.equal(weighted.model.river[0].down, plain.model.river[0].down)
+    down = [e.model.river[0].down for e in (plain, weighted, rand)]
+    assert not torch.equal(down[1], down[0]) and not torch.equal(down[1], down[2])
+    # each source keeps its own cache: the default's twins load again, not rebuilt
+    cache = model_dir / "river-w4-g64-hqq-act-self.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    again = Engine(model_dir, **kw)
+    again.ensure_river(progress=False)
+    assert torch.equal(again.model.river[0].down, down[1])
+    assert cache.stat().st_mtime_ns == stamp
+
+
+def test_the_samples_come_from_a_float32_cpu_model_whatever_the_engine(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """A bf16 engine draws its self-samples from a float32 CPU copy, so it draws the tokens an
+    float32 engine draws (and on CUDA the same, which this machine cannot run)."""
+    import shutil
+
+    import river.calibrate
+
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    real, seen = river.calibrate.own_samples, []
+
+    def spy(model, calib):
+        ids = real(model, calib)
+        seen.append((model.dtype, model.device.type, ids))
+        return ids
+
+    monkeypatch.setattr(river.calibrate, "own_samples", spy)
+    for dtype in (torch.float32, torch.bfloat16):
+        model_dir = tmp_path / str(dtype)
+        shutil.copytree(tiny_dir, model_dir)
+        engine = Engine(model_dir, device="cpu", kv_cache_tokens=256, dtype=dtype,
+                        river_precision="w4")  # fmt: skip
+        engine.ensure_river(progress=False)
+    assert [s[:2] for s in seen] == [(torch.float32, "cpu")] * 2
+    assert seen[0][2].shape == (SELF_SAMPLES.num_seqs, SELF_SAMPLES.seq_len)
+    assert torch.equal(seen[0][2], seen[1][2])
