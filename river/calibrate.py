@@ -23,12 +23,12 @@ instead measured worse (0.078, 0.070): the first power is the one the derivation
 
 The default source is now the model's own samples (`source="self-samples"`): 16 sequences of
 256 tokens it writes itself from BOS at temperature 1, still no outside data. At the default
-precision (mix:0.43, static split 1, same bit plan) they took the perplexity loss from +1.86%
-to +1.45% on the tuning text (agreement 0.932 -> 0.935), and on the held-out sets from +1.90%
-to +1.54% (prose) and +0.86% to +0.64% (HumanEval; benchmarks/results/precision-experiments/
-own_sample_importance). The samples are drawn on the CPU in float32 from a seeded generator, so
-that every machine builds the same twins (up to a sampled token landing on a rounding-sized
-edge of the distribution).
+precision (mix:0.43, static split 1) they improved both measures on the tuning text (top-1
+agreement 0.932 -> 0.934-0.936, perplexity loss +1.86% -> +1.42-1.69% over three sample seeds),
+and engine-scored on the held-out sets they gained agreement (HumanEval 0.954 -> 0.958, prose
+0.910 -> 0.918) with perplexity unchanged within noise (BENCHMARKS.md, "Twin precision"). The
+samples are drawn on the CPU in float32 from a seeded generator, so that every machine builds
+the same twins (up to a sampled token landing on a rounding-sized edge of the distribution).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def random_tokens(vocab_size: int, bos_id: int | None, calib: Calibration) -> to
 
 
 @torch.inference_mode()
-def own_samples(model: LlamaModel, calib: Calibration) -> torch.Tensor:
+def own_samples(model: LlamaModel, calib: Calibration, progress=None) -> torch.Tensor:
     """int64 [num_seqs, seq_len]: sequences `model` writes itself, one decode step per token
     for all of them at once, from BOS (a seeded random first id for a model without one).
 
@@ -106,7 +106,8 @@ def own_samples(model: LlamaModel, calib: Calibration) -> torch.Tensor:
     included and written past (these are activation statistics, not answers: a sequence that
     ends goes on as the model continues after its EOS). `model` should be a float32 CPU model
     (river.twins passes one) so that the tokens, and the twins built from them, do not depend
-    on the machine's accelerator."""
+    on the machine's accelerator. progress: optional callable(), called once per token position
+    drawn."""
     from river.exits import ExitConfig, ExitParams
     from river.kv_cache import pad_block_tables, slots_for
     from river.model import ForwardBatch
@@ -130,6 +131,8 @@ def own_samples(model: LlamaModel, calib: Calibration) -> torch.Tensor:
     for pos in range(1, n):
         probs = torch.softmax(logits.float().cpu()[:, : cfg.vocab_size] / calib.temperature, -1)
         ids[:, pos] = torch.multinomial(probs, 1, generator=g)[:, 0]
+        if progress is not None:
+            progress()
         if pos == n - 1:
             break
         batch = ForwardBatch(

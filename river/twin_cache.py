@@ -25,15 +25,21 @@ from river.w4_methods import ALGO_VERSION, METHODS
 from river.w8 import W8_FORMAT_VERSION, W8Weight, quantize_w8
 
 
+def importance_suffix(importance_tag: str) -> str:
+    """The cache files' name part for how the twins' error was weighted: one set of files per
+    statistics source, so that switching river_calibration back and forth does not rebuild
+    them every time ("": unweighted, "-act": random tokens, the first source, "-act-self":
+    the model's own samples)."""
+    if not importance_tag:
+        return ""
+    return "-act-self" if importance_tag.startswith("act-msq:self-samples") else "-act"
+
+
 def cache_file_name(
     group_size: int, method: str, weighted: bool = False, bits: int = 4, importance_tag: str = ""
 ) -> str:
     # The "river-" prefix matters: river.checkpoint skips such files when globbing for shards.
-    # One file per statistics source, so that switching river_calibration back and forth
-    # does not rebuild the twins every time ("-act": random tokens, the first source).
-    act = ""
-    if weighted:
-        act = "-act-self" if importance_tag.startswith("act-msq:self-samples") else "-act"
+    act = importance_suffix(importance_tag or "act-msq") if weighted else ""
     if bits == 8:
         return f"river-w8-channel{act}.safetensors"
     return f"river-w4-g{group_size}-{method}{act}.safetensors"

@@ -23,7 +23,12 @@ def build_twins(engine, progress: bool = True):
     """(quantized {"layers.N.proj": W4Weight | W8Weight}, bits {(layer, unit): 4 | 8}, head
     W8Weight or None) for `engine` (a river.Engine: its model, config and model directory).
     The head's twin is quantized here (under a second for the default model; not cached)."""
-    from river.twin_cache import fingerprint, load_or_measure_json, load_or_quantize
+    from river.twin_cache import (
+        fingerprint,
+        importance_suffix,
+        load_or_measure_json,
+        load_or_quantize,
+    )
 
     cfg = engine.config
     precision = TwinPrecision.parse(cfg.river_precision)
@@ -85,7 +90,12 @@ def build_twins(engine, progress: bool = True):
             if "imp" not in measured:  # once for both formats
                 ids = None
                 if calib.source == "self-samples":
-                    ids = own_samples(sampling_model(), calib)
+                    from river.progress import progress_bar
+
+                    # ~30-50 s for the default model on 2 CPU cores, minutes for an 8B one
+                    with progress_bar(total=calib.seq_len - 1, desc="river samples", unit="tok",
+                                      enabled=progress and sys.stderr.isatty()) as bar:  # fmt: skip
+                        ids = own_samples(sampling_model(), calib, bar.update)
                 measured["imp"] = activation_importance(
                     reference_model("reference"), calib, ids=ids
                 )
@@ -121,11 +131,14 @@ def build_twins(engine, progress: bool = True):
             "ops": model.ops.kind,
         }
 
+        # one file per twin weighting, as the twins' own caches (their identity is in it)
+        sens_file = f"river-sensitivity{importance_suffix(tag)}.json"
+
         def measure():
             if announce is not None:
                 announce(
                     "measuring which twins need 8 bits (a short forward pass per projection, "
-                    f"random tokens); cache: {engine.model_dir / 'river-sensitivity.json'}"
+                    f"random tokens); cache: {engine.model_dir / sens_file}"
                 )
             from river.progress import progress_bar
 
@@ -135,7 +148,7 @@ def build_twins(engine, progress: bool = True):
                 sens = unit_sensitivity(model, twins, calib, lambda d, t: bar.update())
             return [[n, u, v] for (n, u), v in sens.items()]
 
-        rows = load_or_measure_json(engine.model_dir, "river-sensitivity.json", identity, measure)
+        rows = load_or_measure_json(engine.model_dir, sens_file, identity, measure)
         sensitivity = {(n, u): v for n, u, v in rows}
     bits = plan(precision, engine.model_config, sensitivity, cfg.river_group_size)
     head = None

@@ -186,8 +186,8 @@ def test_the_samples_come_from_a_float32_cpu_model_whatever_the_engine(
     monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
     real, seen = river.calibrate.own_samples, []
 
-    def spy(model, calib):
-        ids = real(model, calib)
+    def spy(model, calib, progress=None):
+        ids = real(model, calib, progress)
         seen.append((model.dtype, model.device.type, ids))
         return ids
 
@@ -201,3 +201,25 @@ def test_the_samples_come_from_a_float32_cpu_model_whatever_the_engine(
     assert [s[:2] for s in seen] == [(torch.float32, "cpu")] * 2
     assert seen[0][2].shape == (SELF_SAMPLES.num_seqs, SELF_SAMPLES.seq_len)
     assert torch.equal(seen[0][2], seen[1][2])
+
+
+def test_each_calibration_keeps_its_own_sensitivities(tiny_dir, tmp_path, monkeypatch):
+    """mix's unit sensitivities are measured on the twins, so each weighting has its own cached
+    file: switching river_calibration back does not measure them again."""
+    import shutil
+
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_dir, model_dir)
+    kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32,
+          "river_precision": "mix:0.4"}  # fmt: skip
+    for calibration in ("self-samples", "random-tokens"):
+        Engine(model_dir, river_calibration=calibration, **kw).ensure_river(progress=False)
+    files = {p: (model_dir / p) for p in ("river-sensitivity-act-self.json",
+                                          "river-sensitivity-act.json")}  # fmt: skip
+    assert all(f.is_file() for f in files.values())
+    stamps = {p: f.stat().st_mtime_ns for p, f in files.items()}
+    again = Engine(model_dir, **kw)
+    again.ensure_river(progress=False)
+    assert {p: f.stat().st_mtime_ns for p, f in files.items()} == stamps
+    assert set(again.river_bits.values()) <= {4, 8}
