@@ -73,12 +73,6 @@ def parse_args(argv=None):
         help="river's decode step through torch.compile (Engine(torch_compile=True)): 'both' "
         "times each mode compiled and eager, repeats interleaved (default both)",
     )
-    p.add_argument(
-        "--compile-wrapper",
-        choices=("python", "cpp"),
-        default="python",
-        help="inductor wrapper of the compiled step (Engine(compile_wrapper=...); default python)",
-    )
     arguments.add_switches(p, {"--skip-hf": "no transformers baseline"})
     arguments.add_outputs(p, "decode-cpu.json", default=str(RESULTS / "decode-cpu.json"))
     args = p.parse_args(argv)
@@ -266,8 +260,6 @@ def main(argv=None) -> int:
     from river.checkpoint import resolve_model_dir
 
     kw = {"device": "cpu", "torch_compile": args.compile != "off"}
-    if args.compile != "off":
-        kw["compile_wrapper"] = args.compile_wrapper
     if args.dtype:
         kw["dtype"] = getattr(torch, args.dtype)
     if args.river_precision:
@@ -309,7 +301,6 @@ def main(argv=None) -> int:
         ops=engine.model.ops.kind,
         river_precision=engine.config.river_precision,
         river_calibration=engine.config.river_calibration,
-        compile_wrapper=engine.config.compile_wrapper if engine.config.torch_compile else None,
     )
     payload = {
         "meta": meta,

@@ -128,7 +128,6 @@ def _generate(args, parser) -> int:
         "river_precision": args.river_precision,
         "tensor_parallel_size": args.tp,
         "torch_compile": args.torch_compile or None,
-        "compile_wrapper": args.compile_wrapper,
     }
     if args.dtype:
         import torch
@@ -344,13 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CPU: run decode steps through torch.compile (one fused graph per batch size and "
         "exit mode; each compiles once, tens of seconds, then decodes ~1.2-1.4x faster)",
-    )
-    g.add_argument(
-        "--compile-wrapper",
-        choices=("python", "cpp"),
-        default="python",
-        help="with --torch-compile: call the compiled kernels from inductor's Python wrapper "
-        "(default) or a C++ one (faster small-batch steps, 1-2 minutes more per first compile)",
     )
     g.add_argument(
         "--river-precision",

@@ -191,10 +191,6 @@ class EngineConfig:
     # Each new (batch bucket, exit-mode mix) compiles once, tens of seconds on a small CPU;
     # batches whose exits are decided per token (a cosine rule) stay eager.
     torch_compile: bool = False
-    # With torch_compile: "python" (inductor's default) or "cpp", the generated code calling its
-    # kernels from a C++ wrapper instead of Python: ~1.2x faster river steps at batch 1 on 2
-    # cores (BENCHMARKS.md), but each variant's first compile takes 1-2 minutes longer.
-    compile_wrapper: str = "python"
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -229,12 +225,6 @@ class EngineConfig:
             not isinstance(self.max_model_len, int) or self.max_model_len <= 1
         ):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if self.compile_wrapper not in ("python", "cpp"):
-            raise ConfigError(
-                f"compile_wrapper must be 'python' or 'cpp', got {self.compile_wrapper!r}"
-            )
-        if self.compile_wrapper != "python" and not self.torch_compile:
-            raise ConfigError("compile_wrapper applies to torch_compile=True only")
         if self.torch_compile and self.tensor_parallel_size > 1:
             raise ConfigError("torch_compile is not supported with tensor parallelism")
         if self.torch_compile and self.ops not in (None, "cpu"):

@@ -137,9 +137,8 @@ class Engine:
         self.generation_defaults = _generation_defaults(self.model_dir)
         self._rng = random.Random()
         self.runner = ModelRunner(
-            self.model, self.kv, cfg.max_num_seqs, self.max_model_len, cfg.torch_compile,
-            cfg.compile_wrapper,
-        )  # fmt: skip
+            self.model, self.kv, cfg.max_num_seqs, self.max_model_len, cfg.torch_compile
+        )
         self._launched = []  # steps launched whose tokens the engine has not read yet
         # Tokens the last step() returned from a decode step (the rest came from a prefill);
         # with tokens read one step behind, a request can get one of each in one call.

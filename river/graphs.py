@@ -123,7 +123,7 @@ class CompiledStep:
     # padding rows cost the int4/int8 matmuls their per-row work, a compile tens of seconds.
     REUSE_STEPS = 32
 
-    def __init__(self, fn, wrapper: str = "python"):
+    def __init__(self, fn):
         import torch._dynamo
 
         cfg = torch._dynamo.config
@@ -133,16 +133,10 @@ class CompiledStep:
         # compiled step gives the eager step's tokens (fp32: identical; bf16: up to the order of
         # the norms' reductions). size_asserts off: the generated code would check the size and
         # stride of ~500 tensors per step at ~0.6 us each (0.3-0.6 ms of a ~19 ms river step at
-        # batch 1), which dynamo's guards already vouch for. wrapper="cpp": the generated code
-        # calls its ~300 kernels per step (matmuls, attention, the fused glue) from C++ rather
-        # than from Python, whose per-call cost is a large part of a small model's step.
-        if wrapper not in ("python", "cpp"):
-            raise ValueError(f"wrapper must be 'python' or 'cpp', got {wrapper!r}")
-        self.wrapper = wrapper
-        options = {"emulate_precision_casts": True, "size_asserts": False}
-        if wrapper == "cpp":
-            options["cpp_wrapper"] = True
-        self._fn = torch.compile(fn, dynamic=False, options=options)
+        # batch 1), which dynamo's guards already vouch for.
+        self._fn = torch.compile(
+            fn, dynamic=False, options={"emulate_precision_casts": True, "size_asserts": False}
+        )
         self.variants: set = set()  # (bucket, flags, greedy) run so far
         self._asked: dict = {}  # steps that wanted a variant not compiled yet (see reuse)
         self.enabled = True  # False: the runner takes the eager step (benchmarks compare both)
@@ -208,7 +202,6 @@ class DecodeGraphRunner:
         padding_block: int | None = None,
         sampler: bool = False,
         torch_compile: bool = False,
-        compile_wrapper: str = "python",
     ):
         on_cuda = model.device.type == "cuda"
         # sampler=True: each step also gathers its input tokens from the token board, samples
@@ -248,9 +241,7 @@ class DecodeGraphRunner:
             raise ValueError("torch_compile=True compiles the CPU's padded step (pad_eager=True)")
         # The padded step through torch.compile (CPU): one graph per bucket and host-flag set,
         # used for the batches whose flags fix each layer's weight set (see compilable()).
-        self.compiled = (
-            CompiledStep(self._decode_static, compile_wrapper) if torch_compile else None
-        )
+        self.compiled = CompiledStep(self._decode_static) if torch_compile else None
         if self.use_graphs:
             self.capture()
 

@@ -47,9 +47,8 @@ class ModelRunner:
     the readback ring. `rows` = max_num_seqs."""
 
     def __init__(
-        self, model, kv, max_num_seqs: int, max_model_len: int, torch_compile: bool = False,
-        compile_wrapper: str = "python",
-    ):  # fmt: skip
+        self, model, kv, max_num_seqs: int, max_model_len: int, torch_compile: bool = False
+    ):
         self.model, self.kv = model, kv
         self.device = model.device
         max_blocks = blocks_needed(max_model_len, kv.block_size)
@@ -57,7 +56,7 @@ class ModelRunner:
         # graphs capture, run eagerly (padding rows are masked out, so they cost ~nothing).
         self.decode = DecodeGraphRunner(
             model, kv, max_num_seqs, max_blocks, pad_eager=True, sampler=True,
-            torch_compile=torch_compile, compile_wrapper=compile_wrapper,
+            torch_compile=torch_compile,
         )  # fmt: skip
         self.rows = self.decode.board.shape[0] // 2
         cuda = self.device.type == "cuda"

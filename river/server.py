@@ -198,13 +198,6 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
         "default exit up to --warmup-max-batch rows at start, the others on first use",
     )
     arg(
-        "--compile-wrapper",
-        choices=("python", "cpp"),
-        default="python",
-        help="with --torch-compile: call the compiled kernels from inductor's Python wrapper "
-        "(default) or a C++ one (faster small-batch steps, 1-2 minutes more per first compile)",
-    )
-    arg(
         "--warmup-max-batch",
         type=int,
         default=8,
@@ -253,7 +246,6 @@ def config_from_args(args) -> ServerConfig:
         "max_num_seqs": args.max_num_seqs,
         "tensor_parallel_size": args.tp,
         "torch_compile": args.torch_compile,
-        "compile_wrapper": args.compile_wrapper,
     }
     if args.river_precision is not None:
         engine_kw["river_precision"] = args.river_precision

@@ -11,7 +11,7 @@ import torch
 from river import Engine, EngineConfig, ExitConfig, SamplingParams
 from river.errors import ConfigError
 from river.exits import ExitParams
-from river.graphs import CompiledStep, compilable, cpp_compiler, step_flags
+from river.graphs import compilable, cpp_compiler, step_flags
 
 # inductor's CPU code is C++: without a compiler the engine refuses torch_compile (tested below)
 needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler for inductor")
@@ -48,12 +48,6 @@ def test_config_errors(tiny_dir):
         EngineConfig(torch_compile=True, tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="'cpu' op set"):
         EngineConfig(torch_compile=True, ops="reference")
-    with pytest.raises(ConfigError, match="compile_wrapper must be"):
-        EngineConfig(torch_compile=True, compile_wrapper="c")
-    with pytest.raises(ConfigError, match="torch_compile=True only"):
-        EngineConfig(compile_wrapper="cpp")
-    with pytest.raises(ValueError, match="wrapper must be"):
-        CompiledStep(lambda: None, "c")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Engine(str(tiny_dir), device="cuda", torch_compile=True)
@@ -82,13 +76,13 @@ def sharp_dir(tmp_path_factory, default_model_dir):
     )  # fmt: skip
 
 
-def compiled_engine(model_dir, dtype=torch.float32, **kw) -> Engine:
+def compiled_engine(model_dir, dtype=torch.float32) -> Engine:
     """A small torch_compile engine on the sharp model (4 rows: buckets 1, 2, 4)."""
     return Engine(
         str(model_dir),
         EngineConfig(
             device="cpu", dtype=dtype, block_size=8, num_blocks=64, max_num_seqs=4,
-            torch_compile=True, **kw,
+            torch_compile=True,
         ),
     )  # fmt: skip
 
@@ -131,32 +125,6 @@ def test_compiled_step_gives_eager_tokens_fp32(compiled32, exit_cfg):
         assert [o.backbone_layers for o in compiled] == [o.backbone_layers for o in eager]
         ran = {(b, tuple(sorted(f))) for b, f, _ in step.variants}
         assert (bucket, tuple(sorted(want.items()))) in ran  # rows finishing: smaller buckets
-
-
-@pytest.mark.slow
-@needs_cxx
-def test_cpp_wrapper_step_gives_the_python_wrappers_tokens(sharp_dir, compiled32, monkeypatch):
-    """compile_wrapper="cpp" compiles the same graph behind inductor's C++ wrapper: the same
-    tokens as the Python-wrapped step, bf16 twins and head included (the default river)."""
-    import torch._inductor.config as inductor_config
-
-    seen = []
-    real = torch.compile
-
-    def spy(fn, **kw):
-        seen.append(kw.get("options", {}).get("cpp_wrapper", False))
-        return real(fn, **kw)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    cpp = compiled_engine(sharp_dir, compile_wrapper="cpp")
-    monkeypatch.undo()
-    assert seen == [True] and cpp.runner.decode.compiled.wrapper == "cpp"
-    assert not inductor_config.cpp_wrapper  # an option of this compile, not a global switch
-    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, exit=ExitConfig("river"))
-    got = cpp.generate(PROMPTS[:1], sp)
-    want = compiled32.generate(PROMPTS[:1], sp)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert cpp.runner.decode.compiled.variants  # the compiled step ran
 
 
 @pytest.mark.slow
