@@ -97,6 +97,22 @@ def random_tokens(vocab_size: int, bos_id: int | None, calib: Calibration) -> to
     return ids
 
 
+SCRATCH_BLOCK = 16  # tokens per block of the measurements' scratch KV caches
+
+
+def scratch_cache(model: LlamaModel, num_seqs: int, seq_len: int):
+    """(KVCache, block tables): a throwaway cache for num_seqs sequences of up to seq_len
+    tokens, sequence i in its own contiguous blocks (the measurements here and in
+    river.precision prefill or decode into it once)."""
+    cfg = model.cfg
+    per_seq = blocks_needed(seq_len, SCRATCH_BLOCK)
+    kv = KVCache(
+        cfg.num_layers, num_seqs * per_seq, SCRATCH_BLOCK, cfg.num_kv_heads, cfg.head_dim,
+        model.dtype, model.device,
+    )  # fmt: skip
+    return kv, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+
+
 @torch.inference_mode()
 def own_samples(model: LlamaModel, calib: Calibration, progress=None) -> torch.Tensor:
     """int64 [num_seqs, seq_len]: sequences `model` writes itself, one decode step per token
@@ -116,13 +132,8 @@ def own_samples(model: LlamaModel, calib: Calibration, progress=None) -> torch.T
     s, n = calib.num_seqs, min(calib.seq_len, model.cos.shape[0])
     g = torch.Generator().manual_seed(calib.seed)
     first = random_tokens(cfg.vocab_size, cfg.bos_token_id, calib)[:, 0]  # BOS, or seeded ids
-    block_size = 16
-    per_seq = blocks_needed(n, block_size)
-    kv = KVCache(
-        cfg.num_layers, s * per_seq, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype,
-        model.device,
-    )  # fmt: skip
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(s)]
+    block_size = SCRATCH_BLOCK
+    kv, tables = scratch_cache(model, s, n)
     exits = ExitParams.build([ExitConfig("full")] * s, model.device)
     ids = torch.empty(s, n, dtype=torch.long)
     ids[:, 0] = first
@@ -164,19 +175,8 @@ def activation_importance(
             else random_tokens(cfg.vocab_size, cfg.bos_token_id, calib)
         )
     ids = ids[:, :seq_len]
-    s, block_size = ids.shape[0], 16
-    per_seq = blocks_needed(seq_len, block_size)
-    kv = KVCache(
-        cfg.num_layers,
-        s * per_seq,
-        block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        model.dtype,
-        model.device,
-    )
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(s)]
-    batch = prefill_forward_batch(ids.tolist(), tables, block_size, model.device)
+    kv, tables = scratch_cache(model, ids.shape[0], ids.shape[1])
+    batch = prefill_forward_batch(ids.tolist(), tables, SCRATCH_BLOCK, model.device)
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
     def observe(layer, name, x):

@@ -167,22 +167,15 @@ def unit_sensitivity(model, twins: dict[int, dict], calib, progress=None) -> dic
     unit's 8-bit twin buys back. `model` is a LlamaModel (bf16 or fp32) with no twins
     attached; `twins` {4: {"layers.N.proj": W4Weight}}; `progress`: optional callable(done,
     total)."""
-    from river.calibrate import random_tokens
-    from river.kv_cache import KVCache, blocks_needed
+    from river.calibrate import SCRATCH_BLOCK, random_tokens, scratch_cache
     from river.model import LayerWeights
     from river.scheduler import prefill_forward_batch
 
     cfg = model.cfg
     seq_len = min(calib.seq_len, model.cos.shape[0])
     ids = random_tokens(cfg.vocab_size, cfg.bos_token_id, calib)[:, :seq_len]
-    s, block_size = ids.shape[0], 16
-    per_seq = blocks_needed(seq_len, block_size)
-    kv = KVCache(
-        cfg.num_layers, s * per_seq, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype,
-        model.device,
-    )  # fmt: skip
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(s)]
-    batch = prefill_forward_batch(ids.tolist(), tables, block_size, model.device)
+    kv, tables = scratch_cache(model, ids.shape[0], seq_len)
+    batch = prefill_forward_batch(ids.tolist(), tables, SCRATCH_BLOCK, model.device)
     ref = torch.log_softmax(model.prefill(batch, kv, all_logits=True), -1)
     p_ref = ref.exp()
 
