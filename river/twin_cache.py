@@ -35,11 +35,9 @@ def importance_suffix(importance_tag: str) -> str:
     return "-act-self" if importance_tag.startswith("act-msq:self-samples") else "-act"
 
 
-def cache_file_name(
-    group_size: int, method: str, weighted: bool = False, bits: int = 4, importance_tag: str = ""
-) -> str:
+def cache_file_name(group_size: int, method: str, bits: int = 4, importance_tag: str = "") -> str:
     # The "river-" prefix matters: river.checkpoint skips such files when globbing for shards.
-    act = importance_suffix(importance_tag or "act-msq") if weighted else ""
+    act = importance_suffix(importance_tag)
     if bits == 8:
         return f"river-w8-channel{act}.safetensors"
     return f"river-w4-g{group_size}-{method}{act}.safetensors"
@@ -198,12 +196,9 @@ def load_or_quantize(
     if importance is not None and not importance_tag:
         raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
     model_dir = pathlib.Path(model_dir)
-    name = cache_file_name(
-        group_size, method, weighted=importance is not None, bits=bits,
-        importance_tag=importance_tag,
-    )  # fmt: skip
-    candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
     tag = importance_tag if importance is not None else ""
+    name = cache_file_name(group_size, method, bits=bits, importance_tag=tag)
+    candidates = [model_dir / name, _fallback_dir(model_dir, cache_dir) / name]
     meta = _metadata(group_size, method, fingerprint(named_weights), named_weights, tag, bits)
     shapes = {k: tuple(v.shape) for k, v in named_weights.items()}
     for path in candidates:

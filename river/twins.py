@@ -120,13 +120,13 @@ def build_twins(engine, progress: bool = True):
     if precision.preset == "mix":
         from river.calibrate import Calibration
 
-        calib = Calibration(*SENSITIVITY_CALIBRATION)
+        sens_calib = Calibration(*SENSITIVITY_CALIBRATION)
         model = reference_model("cpu")
         identity = {
             "fingerprint": fingerprint(named),
             "twins": f"w4-g{cfg.river_group_size}-{cfg.river_method}+w8-channel|{tag}",
-            "measure": f"kl-swap:random-tokens:{calib.num_seqs}x{calib.seq_len}:"
-            f"seed{calib.seed}:v{SENSITIVITY_VERSION}",
+            "measure": f"kl-swap:random-tokens:{sens_calib.num_seqs}x{sens_calib.seq_len}:"
+            f"seed{sens_calib.seed}:v{SENSITIVITY_VERSION}",
             "dtype": str(model.dtype),
             "ops": model.ops.kind,
         }
@@ -145,7 +145,7 @@ def build_twins(engine, progress: bool = True):
             total = engine.model_config.num_layers * 4
             with progress_bar(total=total, desc="river sensitivity", unit="proj",
                               enabled=progress and sys.stderr.isatty()) as bar:  # fmt: skip
-                sens = unit_sensitivity(model, twins, calib, lambda d, t: bar.update())
+                sens = unit_sensitivity(model, twins, sens_calib, lambda d, t: bar.update())
             return [[n, u, v] for (n, u), v in sens.items()]
 
         rows = load_or_measure_json(engine.model_dir, sens_file, identity, measure)
