@@ -115,9 +115,16 @@ def build_default(model_dir, device, max_positions):
     """(name, model, model dir, note): the default model (or `model_dir`) through an Engine."""
     from river import Engine, EngineConfig
 
+    # Random-token twins: decode speed depends on the twins' bytes, not on how their error was
+    # weighted, and the default self-samples would spend ~30-50 s of a GPU check's time limit
+    # writing text on the CPU first (the bit plan may differ from the default's by a unit).
     engine = Engine(
-        model_dir, EngineConfig(device=str(device), num_blocks=1, max_model_len=max_positions)
-    )
+        model_dir,
+        EngineConfig(
+            device=str(device), num_blocks=1, max_model_len=max_positions,
+            river_calibration="random-tokens",
+        ),
+    )  # fmt: skip
     engine.ensure_river(progress=True)
     name = engine.model_dir.name
     return name, engine.model, engine.model_dir, f"real weights, river {engine.config.river_method}"
