@@ -132,12 +132,12 @@ def own_samples(model: LlamaModel, calib: Calibration, progress=None) -> torch.T
     s, n = calib.num_seqs, min(calib.seq_len, model.cos.shape[0])
     g = torch.Generator().manual_seed(calib.seed)
     first = random_tokens(cfg.vocab_size, cfg.bos_token_id, calib)[:, 0]  # BOS, or seeded ids
-    block_size = SCRATCH_BLOCK
     kv, tables = scratch_cache(model, s, n)
+    block_tables = pad_block_tables(tables).to(model.device)  # the same for every step
     exits = ExitParams.build([ExitConfig("full")] * s, model.device)
     ids = torch.empty(s, n, dtype=torch.long)
     ids[:, 0] = first
-    start = prefill_forward_batch(first[:, None].tolist(), tables, block_size, model.device)
+    start = prefill_forward_batch(first[:, None].tolist(), tables, SCRATCH_BLOCK, model.device)
     logits = model.prefill(start, kv)  # [S, V]
     for pos in range(1, n):
         probs = torch.softmax(logits.float().cpu()[:, : cfg.vocab_size] / calib.temperature, -1)
@@ -150,9 +150,10 @@ def own_samples(model: LlamaModel, calib: Calibration, progress=None) -> torch.T
             input_ids=ids[:, pos].to(model.device),
             positions=torch.full((s,), pos, dtype=torch.long, device=model.device),
             slot_mapping=torch.tensor(
-                [slots_for(t, pos, pos + 1, block_size)[0] for t in tables], device=model.device
+                [slots_for(t, pos, pos + 1, SCRATCH_BLOCK)[0] for t in tables],
+                device=model.device,
             ),
-            block_tables=pad_block_tables(tables).to(model.device),
+            block_tables=block_tables,
             context_lens=torch.full((s,), pos + 1, dtype=torch.int32, device=model.device),
         )
         logits, _ = model.decode(batch, kv, exits)
