@@ -19,6 +19,14 @@ import sys
 from river.errors import RiverError
 
 EXIT_MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
+# EngineConfig.river_calibration's choices, and the help both subcommands show for them.
+CALIBRATIONS = ("self-samples", "random-tokens", "none")
+CALIBRATION_HELP = (
+    "what the twins' quantizer weights each input channel's error by: its mean squared "
+    "activation on text the model samples itself (self-samples: the default, 30-50 s once per "
+    "model on a small CPU), on random token ids (random-tokens), or not at all (none); each "
+    "choice has its own cached twins"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +134,7 @@ def _generate(args, parser) -> int:
         "device": args.device,
         "num_threads": args.threads,
         "river_precision": args.river_precision,
+        "river_calibration": args.river_calibration,
         "tensor_parallel_size": args.tp,
         "torch_compile": args.torch_compile or None,
     }
@@ -351,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="river twins: w4 (4-bit), w8 (8-bit) or mix:B (8-bit where it buys the most "
         "quality, twins at B x bf16's bytes) (default: the engine's, see README)",
     )
+    g.add_argument("--river-calibration", choices=CALIBRATIONS, default=None, help=CALIBRATION_HELP)
     g.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),

@@ -204,13 +204,14 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
         help="with --torch-compile: compile the default exit's decode steps for batches up to "
         "this many rows before /health reports ready (default 8; 0: compile on first use)",
     )
-    from river.cli import precision_spec
+    from river.cli import CALIBRATION_HELP, CALIBRATIONS, precision_spec
 
     arg(
         "--river-precision",
         type=precision_spec,
         help="river twins: w4, w8 or mix:B (default: the engine's, see README)",
     )
+    arg("--river-calibration", choices=CALIBRATIONS, help=CALIBRATION_HELP)
     arg(
         "--kv-cache-tokens",
         type=int,
@@ -249,6 +250,8 @@ def config_from_args(args) -> ServerConfig:
     }
     if args.river_precision is not None:
         engine_kw["river_precision"] = args.river_precision
+    if args.river_calibration is not None:
+        engine_kw["river_calibration"] = args.river_calibration
     if args.kv_cache_tokens is not None:
         engine_kw["kv_cache_tokens"] = args.kv_cache_tokens
     return ServerConfig(

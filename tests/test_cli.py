@@ -147,6 +147,7 @@ def test_prompt_from_stdin_and_file(tiny_dir, tmp_path, capsys, monkeypatch):
         (("--prompt-file", "/nonexistent/prompt.txt"), "--prompt-file"),
         (("--river-precision", "mix:3"), "--river-precision"),
         (("--river-precision", "w5"), "--river-precision"),
+        (("--river-calibration", "text"), "--river-calibration"),
         (("--tp", "0"), "--tp"),
         (("--tp", "3"), "tensor_parallel_size=3 does not divide the model's 2 KV heads"),
     ],
@@ -210,10 +211,13 @@ def test_every_flag_reaches_the_engine(tiny_dir, monkeypatch):
         "1",
         "--river-precision",
         "w8",
+        "--river-calibration",
+        "random-tokens",
         "hi",
     )
     assert cli.main(list(argv)) == 0
     assert seen["engine"].config.river_precision == "w8"
+    assert seen["engine"].config.river_calibration == "random-tokens"
     sp = seen["params"]
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (3, 0.0, 0.5, 7, 0)
     assert sp.stop == ("xyz",) and sp.ignore_eos

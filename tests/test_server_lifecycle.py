@@ -130,6 +130,9 @@ def test_serve_parser():
     args = p.parse_args(["serve", "--river-precision", "mix:0.4"])
     assert config_from_args(args).engine.river_precision == "mix:0.4"
     assert config_from_args(args).engine.tensor_parallel_size == 1
+    assert config_from_args(args).engine.river_calibration == EngineConfig().river_calibration
+    args = p.parse_args(["serve", "--river-calibration", "none"])
+    assert config_from_args(args).engine.river_calibration == "none"
     args = p.parse_args(["serve", "--tp", "2"])
     assert config_from_args(args).engine.tensor_parallel_size == 2
     args = p.parse_args(["serve"])
