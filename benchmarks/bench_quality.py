@@ -58,7 +58,7 @@ def parse_args(argv=None):
     )
     arguments.add_list(
         p, "--precisions",
-        "twin precisions (river.precision: w4, w8, mix:B) every river row is run at",
+        "twin precisions (river.precision: w4, w6, w8, mix:B, mix6:B) every river row is run at",
         None,
         note="default: the engine's default precision",
     )  # fmt: skip

@@ -11,8 +11,9 @@ weight sets over every row and select with masks. Here:
 - bf16 weights on CPUs with native bf16 (AVX512-BF16/AMX) halve the bytes of fp32. torch's
   bf16 GEMM at M = 1 is slower than its GEMV, so single rows go through torch.mv.
 - River twins are `Int4CpuWeight`: torch's packed int4 layout for
-  `aten._weight_int4pack_mm_for_cpu` (0.28x of bf16's bytes at group 64), or `Int8CpuWeight`
-  for 8-bit twins (`aten._weight_int8pack_mm`, 0.5x).
+  `aten._weight_int4pack_mm_for_cpu` (0.28x of bf16's bytes at group 64), `Int8CpuWeight`
+  for 8-bit twins (`aten._weight_int8pack_mm`, 0.5x), or `Int6CpuWeight` for 6-bit twins (the
+  int4 matmul over twice the columns, 0.56x: see there).
 
 Results match the reference ops to the dtype's rounding (the reference stays the exact fp32
 oracle); this path is not meant for the no-host-sync guard, which checks the device path.
@@ -36,6 +37,7 @@ from river.ops import HELPER_NAMES, OP_NAMES
 
 __all__ = [
     "Int4CpuWeight",
+    "Int6CpuWeight",
     "Int8CpuWeight",
     *OP_NAMES,
     *HELPER_NAMES,
@@ -76,6 +78,57 @@ class Int4CpuWeight:
         zero = (8.0 - w.zeros.float().cpu()) * s
         sz = torch.stack([s.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed=packed, scales_zeros=sz, group_size=g, n=n, k=k)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """W [N, K] exactly as the packed matmul sees it (for tests)."""
+        eye = torch.eye(self.k, dtype=torch.bfloat16)
+        return _matmul(eye, self).t().contiguous().to(dtype)
+
+
+@dataclass(frozen=True)
+class Int6CpuWeight:
+    """A 6-bit twin W [N, K] (river.quantize.W6Weight) as ONE torch int4 CPU matmul over
+    K' = 2K columns. With q = 16 hi + lo (hi in 0..3, lo in 0..15):
+
+        W x = sum_k s (q_k - z) x_k = sum_k 16 s (hi_k - 8) x_k + sum_k s (lo_k - 8) x_k
+              + sum_k (128 s + (8 - z) s) x_k
+
+    so the packed weight is [hi | lo] (two K-column blocks, each group in one block), the input
+    [x | x], the hi groups' (scale, zero) (16 s, 128 s) and the lo groups' (s, (8 - z) s), the
+    last rounded once to bf16 as in Int4CpuWeight. It reads 1 byte a weight plus two groups'
+    scales, more than the 6-bit twin's 0.81 (torch has no 6-bit matmul), but the int4 kernel
+    converts weights ~2.4x faster than the int8 one: out of cache it ran a 3072 x 576 weight in
+    170-184 us against 185-203 us for int8 (BENCHMARKS.md, "6-bit twins")."""
+
+    packed: torch.Tensor  # uint8 [N, K] (torch's CPU int4 layout of [N, 2K])
+    scales_zeros: torch.Tensor  # bf16 [2K // G, N, 2]
+    group_size: int
+    n: int
+    k: int
+
+    bits = 6
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @classmethod
+    def from_quantized(cls, w) -> Int6CpuWeight:
+        from river.quantize import unpack_int2, unpack_int4
+
+        n, k = w.shape
+        if n % 16:  # the pack's tiling
+            raise ValueError(f"torch's CPU int4 pack needs N divisible by 16, got N={n}")
+        hi = unpack_int2(w.qweight_hi.cpu()).to(torch.int32)  # [N, K] in 0..3
+        lo = unpack_int4(w.qweight.cpu()).to(torch.int32)  # [N, K] in 0..15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.cat([hi, lo], 1).contiguous(), 1
+        )
+        s = w.scales.float().cpu()  # [N, K // G]
+        scales = torch.cat([16.0 * s, s], 1)
+        zeros = torch.cat([128.0 * s, (8.0 - w.zeros.float().cpu()) * s], 1)
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(packed=packed, scales_zeros=sz, group_size=w.group_size, n=n, k=k)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """W [N, K] exactly as the packed matmul sees it (for tests)."""
@@ -129,16 +182,18 @@ def _rope(x, cos, sin):
 
 
 def _matmul(x, w):
-    """x [M, K] @ W.T for a dense weight [N, K], an Int4CpuWeight or an Int8CpuWeight."""
+    """x [M, K] @ W.T for a dense weight [N, K] or an Int4/Int6/Int8CpuWeight."""
     if isinstance(w, Int8CpuWeight):
         if x.dtype != torch.bfloat16:
             raise TypeError("Int8CpuWeight runs with bf16 activations")
         if x.shape[0] <= _INT8_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scales)
         w = w.dequantize(torch.bfloat16)
-    if isinstance(w, Int4CpuWeight):
+    if isinstance(w, Int4CpuWeight | Int6CpuWeight):
         if x.dtype != torch.bfloat16:
-            raise TypeError("Int4CpuWeight runs with bf16 activations")
+            raise TypeError(f"{type(w).__name__} runs with bf16 activations")
+        if isinstance(w, Int6CpuWeight):
+            x = torch.cat([x, x], -1)  # [M, 2K]: the hi and the lo column blocks
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.contiguous(), w.packed, w.group_size, w.scales_zeros
         )

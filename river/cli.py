@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--river-precision",
         type=precision_spec,
         default=None,
-        help="river twins: w4 (4-bit), w8 (8-bit) or mix:B (8-bit where it buys the most "
-        "quality, twins at B x bf16's bytes) (default: the engine's, see README)",
+        help="river twins: w4, w6 or w8 (4-, 6- or 8-bit), mix:B (8-bit where it buys the most "
+        "quality, 4-bit elsewhere, twins at B x bf16's bytes) or mix6:B (the same from a 6-bit "
+        "base) (default: the engine's, see README)",
     )
     g.add_argument("--river-calibration", choices=CALIBRATIONS, default=None, help=CALIBRATION_HELP)
     g.add_argument(

@@ -172,8 +172,9 @@ class EngineConfig:
     # tokens, once per model), "random-tokens" the same on random token ids, "none" plain
     # weight MSE.
     river_calibration: str = "self-samples"
-    # Twin precision (river.precision): "w4", "w8" or "mix:B" (8-bit where it buys the most
-    # quality per byte, the twins reading B x bf16's bytes).
+    # Twin precision (river.precision): "w4", "w6", "w8", "mix:B" (8-bit where it buys the most
+    # quality per byte, 4-bit elsewhere, the twins reading B x bf16's bytes) or "mix6:B" (the
+    # same from a 6-bit base).
     # Default "mix:0.43": with the default river (one bf16 layer, then twins) a decode token
     # reads 0.445x of full's weight bytes at Llama-3.1-8B shapes (README "Twin precision").
     river_precision: str = "mix:0.43"

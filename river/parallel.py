@@ -97,32 +97,37 @@ def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
     )
 
 
+# the per-row tensors of a twin (W4Weight, W6Weight, W8Weight): what a shard slices
+_TWIN_TENSORS = ("qweight", "qweight_hi", "scales", "zeros")
+
+
 def _rows(w, start: int, stop: int):
-    """Rows [start, stop) of a weight: a tensor, a W4Weight or a W8Weight (no copy of the rest:
-    cloned, so that pickling a shard never drags the whole storage along)."""
+    """Rows [start, stop) of a weight: a tensor, a W4Weight, W6Weight or W8Weight (no copy of the
+    rest: cloned, so that pickling a shard never drags the whole storage along)."""
     if isinstance(w, torch.Tensor):
         return w[start:stop].clone()
-    fields = {
-        k: getattr(w, k)[start:stop].clone()
-        for k in ("qweight", "scales", "zeros")
-        if hasattr(w, k)
-    }
+    fields = {k: getattr(w, k)[start:stop].clone() for k in _TWIN_TENSORS if hasattr(w, k)}
     return replace(w, **fields)
 
 
 def _cols(w, start: int, stop: int):
-    """Input columns [start, stop) of a weight [N, K]. A 4-bit twin's groups must not straddle
-    the cut; an 8-bit twin's per-row scale is shared by every column slice."""
+    """Input columns [start, stop) of a weight [N, K]. A 4- or 6-bit twin's groups must not
+    straddle the cut; an 8-bit twin's per-row scale is shared by every column slice."""
     if isinstance(w, torch.Tensor):
         return w[:, start:stop].clone()
     if w.bits == 8:
         return replace(w, qweight=w.qweight[:, start:stop].clone())
     g = w.group_size
     if start % g or stop % g:
-        raise ConfigError(f"a 4-bit group of {g} columns would straddle a shard at {start}:{stop}")
+        raise ConfigError(
+            f"a {w.bits}-bit group of {g} columns would straddle a shard at {start}:{stop}"
+        )
+    planes = {"qweight": w.qweight[:, start // 2 : stop // 2].clone()}
+    if w.bits == 6:  # (a group is a multiple of 4 columns: the 2-bit plane cuts on a byte)
+        planes["qweight_hi"] = w.qweight_hi[:, start // 4 : stop // 4].clone()
     return replace(
         w,
-        qweight=w.qweight[:, start // 2 : stop // 2].clone(),
+        **planes,
         scales=w.scales[:, start // g : stop // g].clone(),
         zeros=w.zeros[:, start // g : stop // g].clone(),
     )
@@ -136,14 +141,14 @@ def _vocab_rows(w, rank: int, world: int, vocab: int):
 
 
 def pad_rows(w, pad: int):
-    """w with `pad` zero rows appended (a tensor, W4Weight or W8Weight: zero scales)."""
+    """w with `pad` zero rows appended (a tensor or a twin: zero scales)."""
     if pad == 0:
         return w
     if isinstance(w, torch.Tensor):
         return torch.cat([w, w.new_zeros(pad, *w.shape[1:])])
     fields = {
         k: torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
-        for k in ("qweight", "scales", "zeros")
+        for k in _TWIN_TENSORS
         if (t := getattr(w, k, None)) is not None
     }
     return replace(w, **fields)

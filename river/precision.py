@@ -1,4 +1,4 @@
-"""Twin precision: which river projections are 4-bit and which 8-bit, under a byte budget.
+"""Twin precision: which river projections are 4-, 6- or 8-bit, under a byte budget.
 
 The river's quality on small models is decided by its twins' error far more than by the exit
 rule (RIVER.md: with the first 4 layers in bf16, 4-bit twins keep 0.884 top-1 agreement with
@@ -9,6 +9,11 @@ count of a decode token is what decides its speed. So precision is a knob, set p
     "w8"        every twin 8-bit (per channel, river.w8)
     "mix:B"     the twins read B x bf16's bytes on average (B between the two, e.g. 0.35): the
                 projections whose 8-bit twin buys the most quality per byte are 8-bit
+    "w6"        every twin 6-bit (group-wise, river.quantize.W6Weight: 0.41x of bf16's bytes)
+    "mix6:B"    as "mix:B" from a 6-bit base: 6-bit twins, the units whose 8-bit twin buys the
+                most per byte 8-bit (B between 0.41 and 0.5). At the default's bytes it measured
+                far better than the 4/8 mix (BENCHMARKS.md, "6-bit twins"), but the Triton
+                kernels have no 6-bit path yet: on CUDA its 6-bit twins run dequantized to bf16
 
 A unit of choice is a fused weight (qkv, o, gate_up, down of one layer): its members share one
 format because the kernels read them as one matrix.
@@ -18,7 +23,8 @@ ids (river.calibrate's generator), swaps one unit at a time for its 4-bit twin, 
 divergence of the final logits from the unswapped model's. That KL is the unit's gain from 8
 bits (an 8-bit twin's own KL is ~1/256 of it: every twin at 8 bits costs +0.2% perplexity on
 the tuning text, all at 4 bits +7%), its cost the bytes 8-bit adds; `plan` upgrades units by
-gain per byte until the budget is spent. One unit at a time is a first-order picture
+gain per byte until the budget is spent ("mix6" ranks its units by the same 4-bit KLs: a
+6-bit ranking measured no better). One unit at a time is a first-order picture
 (errors of several twins add up roughly, not exactly); its measured result is in
 benchmarks/results/quality-*.json.
 """
@@ -34,7 +40,7 @@ from river.errors import ConfigError
 
 # unit -> the projections (river.config.PROJECTIONS names) fused into its weight
 UNITS = FUSED
-PRESETS = ("w4", "w8", "mix")
+PRESETS = ("w4", "w8", "mix", "w6", "mix6")
 SENSITIVITY_VERSION = 2  # bump when unit_sensitivity's measurement changes (cache identity)
 
 
@@ -47,7 +53,7 @@ class TwinPrecision:
 
     @classmethod
     def parse(cls, spec) -> TwinPrecision:
-        """ "w4", "w8", "mix:0.35" (or a TwinPrecision, returned as is)."""
+        """ "w4", "w6", "w8", "mix:0.35", "mix6:0.45" (or a TwinPrecision, returned as is)."""
         if isinstance(spec, TwinPrecision):
             return spec
         if not isinstance(spec, str):
@@ -55,21 +61,23 @@ class TwinPrecision:
                 f"river_precision must be a string like 'w4', 'w8' or 'mix:0.35', got {spec!r}"
             )
         name, _, arg = spec.partition(":")
-        if name in ("w4", "w8") and not arg:
+        if name in ("w4", "w6", "w8") and not arg:
             return cls(name)
-        if name == "mix":
+        if name in ("mix", "mix6"):
             try:
                 budget = float(arg)
             except ValueError:
                 budget = None
             if budget is None or not 0.0 < budget < 1.0:
                 raise ConfigError(
-                    f"river_precision 'mix:B' needs a byte budget B in (0, 1) (twin bytes over "
-                    f"bf16 bytes, e.g. mix:0.35), got {spec!r}"
+                    f"river_precision '{name}:B' needs a byte budget B in (0, 1) (twin bytes "
+                    f"over bf16 bytes, e.g. {name}:{0.35 if name == 'mix' else 0.45}), got "
+                    f"{spec!r}"
                 )
-            return cls("mix", budget)
+            return cls(name, budget)
         raise ConfigError(
-            f"river_precision must be 'w4', 'w8' or 'mix:B' (e.g. mix:0.35), got {spec!r}"
+            f"river_precision must be 'w4', 'w6', 'w8', 'mix:B' (e.g. mix:0.35) or 'mix6:B' "
+            f"(e.g. mix6:0.45), got {spec!r}"
         )
 
     @property
@@ -85,8 +93,14 @@ class TwinPrecision:
 
     @property
     def bits_needed(self) -> tuple[int, ...]:
-        """The twin formats this precision reads (which caches to build)."""
-        return {"w4": (4,), "w8": (8,), "mix": (4, 8)}[self.preset]
+        """The twin formats this precision builds (the caches): what it reads, and the 4-bit
+        twins a mix ranks its units with."""
+        return {"w4": (4,), "w6": (6,), "w8": (8,), "mix": (4, 8), "mix6": (4, 6, 8)}[self.preset]
+
+    @property
+    def base_bits(self) -> int:
+        """The width of a unit the budget does not upgrade to 8 bits."""
+        return {"w4": 4, "w6": 6, "w8": 8, "mix": 4, "mix6": 6}[self.preset]
 
 
 def unit_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -101,13 +115,15 @@ def unit_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def weight_bytes(n: int, k: int, bits: int, group_size: int = 64) -> float:
-    """Bytes one decode token reads from a [N, K] weight: bf16 (16), 4-bit with a bf16 scale
-    and zero per group, or 8-bit with a bf16 scale per row."""
+    """Bytes one decode token reads from a [N, K] weight: bf16 (16), 4- or 6-bit with a bf16
+    scale and zero per group, or 8-bit with a bf16 scale per row."""
     if bits == 16:
         return 2.0 * n * k
     if bits == 8:
         return n * k + 2.0 * n
-    return n * k / 2 + 4.0 * n * k / group_size
+    if bits not in (4, 6):
+        raise ValueError(f"twins are 4-, 6- or 8-bit, got bits={bits}")
+    return n * k * bits / 8 + 4.0 * n * k / group_size
 
 
 def plan(
@@ -119,19 +135,19 @@ def plan(
     """{(layer, unit): bits} for every unit of the model. "mix" needs `sensitivity`
     ({(layer, unit): quality gain of its 8-bit twin over its 4-bit one}, higher = more)."""
     units = [(n, u) for n in range(cfg.num_layers) for u in UNITS]
-    if precision.preset != "mix":
-        bits = 8 if precision.preset == "w8" else 4
-        return {key: bits for key in units}
+    base = precision.base_bits
+    if precision.budget is None:
+        return {key: base for key in units}
     if sensitivity is None:
-        raise ValueError("river_precision 'mix' needs the units' sensitivities")
+        raise ValueError(f"river_precision '{precision.preset}' needs the units' sensitivities")
     shapes = unit_shapes(cfg)
     bf16 = sum(weight_bytes(*shapes[u], 16) for _, u in units)
-    spent = sum(weight_bytes(*shapes[u], 4, group_size) for _, u in units)
+    spent = sum(weight_bytes(*shapes[u], base, group_size) for _, u in units)
     budget = precision.budget * bf16
-    out = {key: 4 for key in units}
+    out = {key: base for key in units}
 
     def extra(u):
-        return weight_bytes(*shapes[u], 8) - weight_bytes(*shapes[u], 4, group_size)
+        return weight_bytes(*shapes[u], 8) - weight_bytes(*shapes[u], base, group_size)
 
     # best gain per extra byte first; ties (and zero gains) broken by layer depth, deeper first
     order = sorted(units, key=lambda key: (-sensitivity.get(key, 0.0) / extra(key[1]), -key[0]))

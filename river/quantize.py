@@ -12,6 +12,18 @@ torch.nn.Linear) is cut into groups of G consecutive input columns:
 
 The methods (rtn, hqq) that choose the scales and zeros, and the role of `importance`, are
 described in river.w4_methods.
+
+The 6-bit twins (W6Weight) are the same scheme on a 4x finer grid, q in 0..63, stored as two
+planes so that every reader of the 4-bit layout can read the low one unchanged:
+
+    qweight     uint8 [N, K // 2]  q & 15, packed as the 4-bit qweight
+    qweight_hi  uint8 [N, K // 4]  q >> 4 (0..3): byte j of row n = the 2-bit values of
+                                   columns 4j .. 4j + 3, column 4j in the lowest two bits
+    W[n, k] ~= (q[n, k] - zeros[n, k // G]) * scales[n, k // G]
+
+3/4 byte a weight plus the group's scale and zero (0.41x of bf16 at G = 64, against 0.28x for
+4-bit and ~0.5x for 8-bit): at equal bytes, 6-bit twins with a few 8-bit ones measured far
+better than 4-bit twins with many 8-bit ones (BENCHMARKS.md, "6-bit twins").
 """
 
 from __future__ import annotations
@@ -89,11 +101,92 @@ class W4Weight:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """W [N, K] in `dtype`, computed in float32 from the stored (possibly bf16) scales."""
-        n, k = self.shape
-        q = unpack_int4(self.qweight).float().view(n, k // self.group_size, self.group_size)
-        s = self.scales.float().unsqueeze(-1)  # [N, K // G, 1]
-        z = self.zeros.float().unsqueeze(-1)
-        return ((q - z) * s).view(n, k).to(dtype)
+        return _dequantize_groups(unpack_int4(self.qweight), self, dtype)
+
+
+def _dequantize_groups(q, w, dtype):
+    """(q - z) * s per group: q [N, K] integers, w a W4Weight or W6Weight."""
+    n, k = q.shape
+    q = q.float().view(n, k // w.group_size, w.group_size)
+    s = w.scales.float().unsqueeze(-1)  # [N, K // G, 1]
+    z = w.zeros.float().unsqueeze(-1)
+    return ((q - z) * s).view(n, k).to(dtype)
+
+
+@dataclass(frozen=True)
+class W6Weight:
+    """A 6-bit group-quantized linear weight W [N, K]: the 4-bit layout's low plane plus a
+    2-bit high plane (see the module docstring)."""
+
+    qweight: torch.Tensor  # uint8 [N, K // 2]: q & 15, as W4Weight.qweight
+    qweight_hi: torch.Tensor  # uint8 [N, K // 4]: q >> 4, four columns a byte
+    scales: torch.Tensor  # [N, K // G]
+    zeros: torch.Tensor  # [N, K // G], quantized units
+    group_size: int
+
+    bits = 6
+
+    def __post_init__(self):
+        n, half_k = self.qweight.shape
+        k, g = 2 * half_k, self.group_size
+        if self.qweight.dtype != torch.uint8 or self.qweight_hi.dtype != torch.uint8:
+            raise ValueError("W6Weight.qweight and qweight_hi must be uint8")
+        if k % 4 or tuple(self.qweight_hi.shape) != (n, k // 4):
+            raise ValueError(
+                f"W6Weight.qweight_hi has shape {tuple(self.qweight_hi.shape)}, expected "
+                f"{(n, k // 4)} for W [{n}, {k}] (K a multiple of 4)"
+            )
+        if g <= 0 or k % g:
+            raise ValueError(f"W6Weight: K={k} is not a multiple of group_size={g}")
+        for name in ("scales", "zeros"):
+            if tuple(getattr(self, name).shape) != (n, k // g):
+                raise ValueError(
+                    f"W6Weight.{name} has shape {tuple(getattr(self, name).shape)}, expected "
+                    f"{(n, k // g)}"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], 2 * self.qweight.shape[1]
+
+    def to(self, device=None, dtype=None) -> W6Weight:
+        """Move to `device`; `dtype` applies to scales/zeros only (the planes stay uint8)."""
+        return replace(
+            self,
+            qweight=self.qweight.to(device=device),
+            qweight_hi=self.qweight_hi.to(device=device),
+            scales=self.scales.to(device=device, dtype=dtype),
+            zeros=self.zeros.to(device=device, dtype=dtype),
+        )
+
+    @staticmethod
+    def cat(ws) -> W6Weight:
+        """Row-wise concatenation (the fused qkv and gate_up weights); one group size."""
+        if len({w.group_size for w in ws}) != 1:
+            raise ValueError("W6Weight.cat: the weights have different group sizes")
+        return W6Weight(
+            *(torch.cat([getattr(w, f) for w in ws]) for f in _W6_TENSORS),
+            group_size=ws[0].group_size,
+        )
+
+    def codes(self) -> torch.Tensor:
+        """q uint8 [N, K] in 0..63."""
+        return unpack_int4(self.qweight) | (unpack_int2(self.qweight_hi) << 4)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """W [N, K] in `dtype`, computed in float32 from the stored (possibly bf16) scales."""
+        return _dequantize_groups(self.codes(), self, dtype)
+
+    @classmethod
+    def from_codes(cls, q, scales, zeros, group_size) -> W6Weight:
+        """From q [N, K] integers in 0..63 and the groups' scales and zeros."""
+        if q.numel() and (int(q.min()) < 0 or int(q.max()) > 63):
+            raise ValueError("W6Weight.from_codes: values must lie in 0..63")
+        q = q.to(torch.uint8)
+        return cls(pack_int4(q & 15), pack_int2(q >> 4), scales, zeros, group_size)
+
+
+_W6_TENSORS = ("qweight", "qweight_hi", "scales", "zeros")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -106,6 +199,25 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_int4: values must lie in 0..15")
     q = q.to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def pack_int2(q: torch.Tensor) -> torch.Tensor:
+    """[..., K] integers in 0..3 -> uint8 [..., K // 4]; q[4j] in the lowest two bits."""
+    if q.shape[-1] % 4:
+        raise ValueError(f"pack_int2: last dimension must be a multiple of 4, got {q.shape[-1]}")
+    if q.dtype.is_floating_point or q.dtype == torch.bool:
+        raise ValueError(f"pack_int2: expects an integer tensor, got {q.dtype}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 3):
+        raise ValueError("pack_int2: values must lie in 0..3")
+    q = q.to(torch.uint8)
+    return q[..., 0::4] | (q[..., 1::4] << 2) | (q[..., 2::4] << 4) | (q[..., 3::4] << 6)
+
+
+def unpack_int2(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K // 4] -> uint8 [..., K]; the inverse of pack_int2."""
+    if p.dtype != torch.uint8:
+        raise ValueError(f"unpack_int2: expects uint8, got {p.dtype}")
+    return torch.stack([(p >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).flatten(-2)
 
 
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
@@ -175,7 +287,7 @@ def _column_weights(importance, k, group_size, device) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _quantize_w4(w, group_size, method, iters, workers, importance=None) -> W4Weight:
+def _quantize_w4(w, group_size, method, iters, workers, importance=None, bits=4):
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
     if w.dim() != 2:
@@ -188,6 +300,8 @@ def _quantize_w4(w, group_size, method, iters, workers, importance=None) -> W4We
         )
     if k % 2:
         raise ValueError(f"quantize_w4: in_features K={k} must be even to pack two 4-bit values")
+    if bits == 6 and k % 4:
+        raise ValueError(f"quantize_w6: in_features K={k} must be a multiple of 4 (2-bit plane)")
     w = w.detach().float().contiguous()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_w4: weight contains NaN or inf")
@@ -195,11 +309,13 @@ def _quantize_w4(w, group_size, method, iters, workers, importance=None) -> W4We
     rows = max(1, _CHUNK_ELEMS // k)
 
     def chunk(start):
-        q, s, z = quantize_rows(w[start : start + rows], group_size, method, iters, c)
-        return pack_int4(q), s, z
+        return quantize_rows(w[start : start + rows], group_size, method, iters, c, bits)
 
     qs, ss, zs = zip(*_parallel_map(chunk, range(0, n, rows), workers), strict=True)
-    return W4Weight(torch.cat(qs), torch.cat(ss), torch.cat(zs), group_size)
+    q, s, z = torch.cat(qs), torch.cat(ss), torch.cat(zs)
+    if bits == 6:
+        return W6Weight.from_codes(q, s, z, group_size)
+    return W4Weight(pack_int4(q), s, z, group_size)
 
 
 def quantize_w4(
@@ -220,15 +336,29 @@ def quantize_w4(
         return _quantize_w4(w, group_size, method, iters, threads, importance)
 
 
+def quantize_w6(
+    w: torch.Tensor,
+    group_size: int = 64,
+    method: str = "hqq",
+    iters: int = 20,
+    importance: torch.Tensor | None = None,
+) -> W6Weight:
+    """quantize_w4 at 6 bits (q in 0..63; K a multiple of 4 and of group_size)."""
+    with _single_threaded_ops() as threads:
+        return _quantize_w4(w, group_size, method, iters, threads, importance, bits=6)
+
+
 def quantize_model(
     named_weights: dict[str, torch.Tensor],
     group_size: int = 64,
     method: str = "hqq",
     progress: bool = True,
     importance: dict[str, torch.Tensor] | None = None,
-) -> dict[str, W4Weight]:
-    """Quantize every weight in `named_weights` (any names); same keys, same order.
-    `importance` maps some or all names to their [K] column importance (see quantize_w4).
+    bits: int = 4,
+) -> dict:
+    """Quantize every weight in `named_weights` (any names) to `bits` (4: W4Weight, 6:
+    W6Weight); same keys, same order. `importance` maps some or all names to their [K] column
+    importance (see quantize_w4).
 
     Uses as many threads as torch is configured for (one tensor each), restoring torch's
     thread count afterwards.
@@ -239,7 +369,7 @@ def quantize_model(
     with (
         progress_bar(
             total=len(names),
-            desc=f"river W4 g{group_size} {method}",
+            desc=f"river W{bits} g{group_size} {method}",
             unit="weights",
             enabled=progress,
         ) as bar,
@@ -248,7 +378,7 @@ def quantize_model(
 
         def one(name):
             imp = importance.get(name) if importance else None
-            out = _quantize_w4(named_weights[name], group_size, method, 20, 1, imp)
+            out = _quantize_w4(named_weights[name], group_size, method, 20, 1, imp, bits)
             bar.update()  # tqdm's update is thread-safe
             return out
 

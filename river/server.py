@@ -209,7 +209,7 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg(
         "--river-precision",
         type=precision_spec,
-        help="river twins: w4, w8 or mix:B (default: the engine's, see README)",
+        help="river twins: w4, w6, w8, mix:B or mix6:B (default: the engine's, see README)",
     )
     arg("--river-calibration", choices=CALIBRATIONS, help=CALIBRATION_HELP)
     arg(

@@ -3,8 +3,9 @@
 by a fingerprint of the source weights, the importance measurement and the quantizer's
 versions, so that a changed model or quantizer rebuilds it instead of loading stale twins.
 
-File layout: for every weight NAME the tensors NAME.qweight, NAME.scales and (4-bit only)
-NAME.zeros (see river.quantize and river.w8 for the formats), scales and zeros stored float32.
+File layout: for every weight NAME the tensors NAME.qweight, NAME.scales, (4- and 6-bit)
+NAME.zeros and (6-bit) NAME.qweight_hi (see river.quantize and river.w8 for the formats), scales
+and zeros stored float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import warnings
 import torch
 
 from river.model_cache import river_home
-from river.quantize import FORMAT_VERSION, W4Weight, quantize_model
+from river.quantize import FORMAT_VERSION, W4Weight, W6Weight, quantize_model
 from river.w4_methods import ALGO_VERSION, METHODS
 from river.w8 import W8_FORMAT_VERSION, W8Weight, quantize_w8
 
@@ -40,7 +41,7 @@ def cache_file_name(group_size: int, method: str, bits: int = 4, importance_tag:
     act = importance_suffix(importance_tag)
     if bits == 8:
         return f"river-w8-channel{act}.safetensors"
-    return f"river-w4-g{group_size}-{method}{act}.safetensors"
+    return f"river-w{bits}-g{group_size}-{method}{act}.safetensors"
 
 
 def _fallback_dir(model_dir: pathlib.Path, cache_dir) -> pathlib.Path:
@@ -82,7 +83,7 @@ def _metadata(group_size, method, fp, names, importance_tag="", bits=4) -> dict[
         }
     return {
         "importance": importance_tag,
-        "format": "river-w4",
+        "format": f"river-w{bits}",
         "format_version": str(FORMAT_VERSION),
         "algo_version": str(ALGO_VERSION),
         "group_size": str(group_size),
@@ -114,8 +115,11 @@ def _try_load(path: pathlib.Path, expected: dict[str, str], shapes: dict) -> dic
                         return None
                     continue
                 group_size = int(meta["group_size"])
-                out[name] = W4Weight(
-                    qweight=f.get_tensor(f"{name}.qweight"),
+                planes = {"qweight": f.get_tensor(f"{name}.qweight")}
+                if meta.get("format") == "river-w6":
+                    planes["qweight_hi"] = f.get_tensor(f"{name}.qweight_hi")
+                out[name] = (W6Weight if "qweight_hi" in planes else W4Weight)(
+                    **planes,
                     scales=f.get_tensor(f"{name}.scales"),
                     zeros=f.get_tensor(f"{name}.zeros"),
                     group_size=group_size,
@@ -136,8 +140,10 @@ def _try_save(path: pathlib.Path, quantized: dict, meta: dict[str, str]) -> bool
     for name, q in quantized.items():
         tensors[f"{name}.qweight"] = q.qweight.cpu().contiguous()
         tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
-        if q.bits == 4:
+        if q.bits in (4, 6):
             tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
+        if q.bits == 6:
+            tensors[f"{name}.qweight_hi"] = q.qweight_hi.cpu().contiguous()
     data = save(tensors, metadata=meta)  # bytes, ~0.6 bytes per weight
     # Unique per writer, and ending in .tmp rather than .safetensors so the checkpoint loader's
     # shard glob never picks up a half-written file.
@@ -168,8 +174,9 @@ def load_or_quantize(
     announce=None,
     bits: int = 4,
 ) -> dict:
-    """The twins of `named_weights` (bits=4: W4Weight, group_size and method apply; bits=8:
-    W8Weight, per channel), from the cache if it matches, else quantized and cached.
+    """The twins of `named_weights` (bits=4: W4Weight, bits=6: W6Weight, group_size and method
+    apply; bits=8: W8Weight, per channel), from the cache if it matches, else quantized and
+    cached.
 
     announce: optional callable(str) told, once, when the twins are built rather than loaded
     (the CLI prints it: a first run of the river pauses for this).
@@ -180,18 +187,18 @@ def load_or_quantize(
     importance_tag names how it was measured and is part of the cache identity (a different
     measurement rebuilds the cache).
 
-    The cache is `model_dir/river-w4-g{G}-{method}[-act|-act-self].safetensors`; when model_dir
+    The cache is `model_dir/river-w{4,6}-g{G}-{method}[-act|-act-self].safetensors`; when model_dir
     is not writable it goes to `cache_dir`, or to `$RIVER_HOME/quant/<hash of model_dir>`
     (RIVER_HOME defaults to ~/.cache/river). A cache whose metadata (format/algorithm version,
     group size, method, fingerprint of the source weights) does not match is ignored and
     rebuilt.
     Scales/zeros come back float32 on CPU; the caller casts them to its compute dtype.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"twins are 4- or 8-bit, got bits={bits}")
+    if bits not in (4, 6, 8):
+        raise ValueError(f"twins are 4-, 6- or 8-bit, got bits={bits}")
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
-    if method == "rtn" and bits == 4:
+    if method == "rtn" and bits != 8:
         importance = None  # rtn has no objective to weight: one cache, no statistics pass
     if importance is not None and not importance_tag:
         raise ValueError("load_or_quantize: importance needs an importance_tag for the cache")
@@ -210,7 +217,7 @@ def load_or_quantize(
         what = (
             "8-bit river twins once (per channel)"
             if bits == 8
-            else (f"4-bit river twins once ({method}, group {group_size})")
+            else (f"{bits}-bit river twins once ({method}, group {group_size})")
         )
         announce(f"building the {what}; cache: {where}")
         progress = progress and sys.stderr.isatty()  # that line says it; a bar only on a terminal
@@ -220,7 +227,7 @@ def load_or_quantize(
             k: quantize_w8(w, imp.get(k) if imp else None) for k, w in named_weights.items()
         }
     else:
-        quantized = quantize_model(named_weights, group_size, method, progress, imp)
+        quantized = quantize_model(named_weights, group_size, method, progress, imp, bits)
     quantized = {k: v.to(device="cpu") for k, v in quantized.items()}
     if not any(_try_save(path, quantized, meta) for path in candidates):
         warnings.warn(

@@ -117,7 +117,7 @@ def build_twins(engine, progress: bool = True):
         for bits in precision.bits_needed
     }
     sensitivity = None
-    if precision.preset == "mix":
+    if precision.budget is not None:  # a mix: rank the units
         from river.calibrate import Calibration
 
         sens_calib = Calibration(*SENSITIVITY_CALIBRATION)

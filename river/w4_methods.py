@@ -1,4 +1,5 @@
-"""The two 4-bit quantization methods: how the scale and zero of every group are chosen.
+"""The two 4-bit quantization methods: how the scale and zero of every group are chosen. The
+6-bit twins (river.quantize.W6Weight) use the same methods on the grid 0..63 (`bits=6`).
 
   rtn  round-to-nearest with the per-group min/max range.
   hqq  (default) training-free refinement of scales/zeros, starting from RTN, three stages:
@@ -62,8 +63,8 @@ def _qcoord(w, inv_s, z):
     return (w * inv_s).add_(z)
 
 
-def _round_q(t):
-    return t.round().clamp_(0, QMAX)
+def _round_q(t, qmax=QMAX):
+    return t.round().clamp_(0, qmax)
 
 
 def _wsq(e, c):
@@ -71,15 +72,15 @@ def _wsq(e, c):
     return torch.linalg.vecdot(e, e if c is None else e * c).unsqueeze(-1)
 
 
-def _sq_error(w, s, z, c):
+def _sq_error(w, s, z, c, qmax=QMAX):
     t = _qcoord(w, s.reciprocal(), z)
-    t.sub_(_round_q(t))  # error in quantized units
+    t.sub_(_round_q(t, qmax))  # error in quantized units
     return _wsq(t, c) * s.square()
 
 
-def _minmax_params(lo, hi):
-    """Scale/zero mapping [lo, hi] onto 0..15. lo, hi [R, g, 1]."""
-    s = (hi - lo) / QMAX
+def _minmax_params(lo, hi, qmax=QMAX):
+    """Scale/zero mapping [lo, hi] onto 0..qmax (15 at 4 bits). lo, hi [R, g, 1]."""
+    s = (hi - lo) / qmax
     z = -lo / s
     # Constant (or near-constant) groups: the scale would be ~0 and the zero inf/NaN. Put the
     # value itself on a grid end instead (c = 15 * s at q = 15 if c > 0, c = -15 * s at q = 0
@@ -87,10 +88,10 @@ def _minmax_params(lo, hi):
     flat = (hi - lo) < _MIN_RANGE
     if bool(flat.any()):
         c = (lo + hi) / 2
-        cs = c.abs() / QMAX
+        cs = c.abs() / qmax
         cs = torch.where(cs > 1e-20, cs, torch.ones_like(cs))
         s = torch.where(flat, cs, s)
-        z = torch.where(flat, torch.where(c < 0, float(QMAX), 0.0), z)
+        z = torch.where(flat, torch.where(c < 0, float(qmax), 0.0), z)
     return s, z
 
 
@@ -111,17 +112,17 @@ def _settled(before, best) -> bool:
     return before - after <= _TOL * after
 
 
-def _clip_search(w, lo, hi, c, best):
+def _clip_search(w, lo, hi, c, best, qmax=QMAX):
     """Try every (low, high) pair of clip fractions; (1, 1) is RTN, already in best."""
     for a in _CLIP_FRACTIONS:
         for b in _CLIP_FRACTIONS:
             if a != 1.0 or b != 1.0:
-                s, z = _minmax_params(lo * a, hi * b)
-                best = _keep_better(_sq_error(w, s, z, c), s, z, best)
+                s, z = _minmax_params(lo * a, hi * b, qmax)
+                best = _keep_better(_sq_error(w, s, z, c, qmax), s, z, best)
     return best
 
 
-def _hqq_zero(w, iters, c, best):
+def _hqq_zero(w, iters, c, best, qmax=QMAX):
     """HQQ's proximal zero updates with the scale fixed, starting from best's (s, z).
 
     Per group, minimise |W - (Q - z) s|_p^p (p < 1: robust to the few large errors) by the
@@ -140,7 +141,7 @@ def _hqq_zero(w, iters, c, best):
     csum = w.shape[-1] if c is None else c.sum(-1, keepdim=True)
     for i in range(iters + 1):
         e = _qcoord(w, inv_s, z)
-        e.sub_(_round_q(e))  # [R, g, G]
+        e.sub_(_round_q(e, qmax))  # [R, g, G]
         before = float(best[0].sum())
         best = _keep_better(_wsq(e, c) * s2, s, z, best)
         if i == iters or (i and _settled(before, best)):
@@ -154,7 +155,7 @@ def _hqq_zero(w, iters, c, best):
     return best
 
 
-def _lsq_polish(w, c, best):
+def _lsq_polish(w, c, best, qmax=QMAX):
     """Alternate q = round(w / s + z) with the least-squares fit w ~ s q + b of each group.
 
     For fixed q the fit is the exact (c-weighted) MSE optimum over (s, z), and for fixed (s, z)
@@ -171,7 +172,7 @@ def _lsq_polish(w, c, best):
         wc = (w - wm).mul_(c)  # c-weighted centred weights
     for i in range(_LSQ_ITERS + 1):
         t = _qcoord(w, s.reciprocal(), z)
-        q = _round_q(t)  # [R, g, G]
+        q = _round_q(t, qmax)  # [R, g, G]
         if i:  # measure the previous round's fit
             e = t.sub_(q)
             before = float(best[0].sum())
@@ -180,7 +181,7 @@ def _lsq_polish(w, c, best):
                 break
         if c is None:
             qsum = q.sum(-1, keepdim=True)
-            # g * var(q) is exact: 4-bit q keeps the integer sums far below 2^24
+            # g * var(q) is exact: 4- and 6-bit q keep the integer sums far below 2^24
             qvar = g * torch.linalg.vecdot(q, q).unsqueeze(-1) - qsum.square()
             cov = g * torch.linalg.vecdot(q, wc).unsqueeze(-1)
             qmean = qsum / g
@@ -202,22 +203,26 @@ def _snap(s, z):
     return s.to(torch.bfloat16).float(), z.to(torch.bfloat16).float()
 
 
-def quantize_rows(w, group_size, method, iters, c=None):
+def quantize_rows(w, group_size, method, iters, c=None, bits=4):
     """w [R, K] float32, c [1, K // G, G] column importance or None
-    -> (q uint8 [R, K], scales [R, K // G], zeros [R, K // G])."""
+    -> (q uint8 [R, K] in 0..2^bits - 1, scales [R, K // G], zeros [R, K // G]).
+    bits: 4 (the W4 twins) or 6 (W6: the same methods on a 4x finer grid)."""
+    if bits not in (4, 6):
+        raise ValueError(f"quantize_rows: bits must be 4 or 6, got {bits}")
+    qmax = (1 << bits) - 1
     r, k = w.shape
     wg = w.view(r, k // group_size, group_size)
     lo = wg.amin(-1, keepdim=True)
     hi = wg.amax(-1, keepdim=True)
-    s, z = _snap(*_minmax_params(lo, hi))
+    s, z = _snap(*_minmax_params(lo, hi, qmax))
     if method == "hqq":
-        rtn = (_sq_error(wg, s, z, c), s, z)
-        best = _clip_search(wg, lo, hi, c, rtn)
-        best = _hqq_zero(wg, iters, c, best)
-        _, s_ref, z_ref = _lsq_polish(wg, c, best)
+        rtn = (_sq_error(wg, s, z, c, qmax), s, z)
+        best = _clip_search(wg, lo, hi, c, rtn, qmax)
+        best = _hqq_zero(wg, iters, c, best, qmax)
+        _, s_ref, z_ref = _lsq_polish(wg, c, best, qmax)
         # The snap moves every candidate a little (~0.3% of the error); compare again after
         # it so that no stored group is worse than RTN's (also snapped) parameters.
         s_ref, z_ref = _snap(s_ref, z_ref)
-        _, s, z = _keep_better(_sq_error(wg, s_ref, z_ref, c), s_ref, z_ref, rtn)
-    q = _round_q(_qcoord(wg, s.reciprocal(), z)).to(torch.uint8).view(r, k)
+        _, s, z = _keep_better(_sq_error(wg, s_ref, z_ref, c, qmax), s_ref, z_ref, rtn)
+    q = _round_q(_qcoord(wg, s.reciprocal(), z), qmax).to(torch.uint8).view(r, k)
     return q, s.view(r, -1), z.view(r, -1)

@@ -27,7 +27,7 @@ from river.parallel import (
     shard_twins,
     shard_weights,
 )
-from river.quantize import quantize_w4
+from river.quantize import quantize_w4, quantize_w6
 from river.w8 import quantize_w8
 
 PROMPTS = [[1, 2, 3, 4, 5], [100, 200, 300], [7] * 9, [4000, 5000], [12, 13, 14, 15, 16, 17]]
@@ -106,11 +106,15 @@ def test_shards_reassemble_the_weights(world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_twin_shards_are_slices_of_the_one_rank_twins(world):
-    """Each rank's twins dequantize to its slice of the one-rank twins, bit for bit: 4-bit
-    column shards fall on group boundaries, 8-bit ones keep the row's scale."""
+    """Each rank's twins dequantize to its slice of the one-rank twins, bit for bit: 4- and
+    6-bit column shards fall on group boundaries, 8-bit ones keep the row's scale."""
     cfg = _cfg(num_layers=1)
     w = _weights(cfg)["layers"][0]
-    for quantize in (lambda t: quantize_w4(t, group_size=32), quantize_w8):
+    for quantize in (
+        lambda t: quantize_w4(t, group_size=32),
+        lambda t: quantize_w6(t, group_size=32),
+        quantize_w8,
+    ):
         q = {f"layers.0.{p}": quantize(w[p]) for p in PROJECTIONS}
         head = quantize_w8(torch.randn(cfg.vocab_size, cfg.hidden_size))
         parts = [shard_twins(q, head, cfg, r, world) for r in range(world)]

@@ -109,7 +109,11 @@ def test_precision_parse():
     assert TwinPrecision.parse("mix:0.4").budget == 0.4
     assert TwinPrecision.parse("mix:0.4").spec == "mix:0.4"
     assert TwinPrecision.parse("w8").bits_needed == (8,)
-    for bad in ("mix", "mix:1.5", "mix:x", "w16", "", None, 4):
+    assert TwinPrecision.parse("w6").bits_needed == (6,)
+    six = TwinPrecision.parse("mix6:0.45")
+    assert (six.preset, six.budget, six.spec, six.base_bits) == ("mix6", 0.45, "mix6:0.45", 6)
+    assert six.bits_needed == (4, 6, 8) and six.head_bits == 8  # (4: the units' ranking)
+    for bad in ("mix", "mix:1.5", "mix:x", "w16", "", None, 4, "mix6", "mix6:0", "w6:0.4"):
         with pytest.raises(ConfigError):
             TwinPrecision.parse(bad)
 
@@ -144,12 +148,27 @@ def test_plan_spends_the_budget_on_the_most_sensitive_units():
     assert twin_fraction({key: 4 for key in units}, cfg) == pytest.approx(0.28125)
     with pytest.raises(ValueError, match="sensitivities"):
         plan(TwinPrecision("mix", 0.4), cfg)
+    # mix6: a 6-bit base, the same ranking; below the all-6-bit bytes nothing is upgraded
+    assert set(plan(TwinPrecision("w6"), cfg).values()) == {6}
+    assert twin_fraction({key: 6 for key in units}, cfg) == pytest.approx(0.40625)
+    assert set(plan(TwinPrecision("mix6", 0.4), cfg, sens).values()) == {6}
+    prev = 0.0
+    for budget in (0.41, 0.43, 0.45, 0.49):
+        bits = plan(TwinPrecision("mix6", budget), cfg, sens)
+        assert set(bits.values()) <= {6, 8}
+        frac = twin_fraction(bits, cfg)
+        assert prev <= frac <= budget + 1e-9
+        prev = frac
+    assert bits[(5, "down")] == 8 and bits[(0, "o")] == 8
 
 
 def test_weight_bytes():
     assert weight_bytes(10, 64, 16) == 1280
     assert weight_bytes(10, 64, 8) == 660  # a byte per weight + a bf16 scale per row
     assert weight_bytes(10, 64, 4, 64) == 360  # nibbles + bf16 scale and zero per group
+    assert weight_bytes(10, 64, 6, 64) == 520  # 3/4 byte a weight + the group's scale, zero
+    with pytest.raises(ValueError, match="6- or 8-bit"):
+        weight_bytes(10, 64, 5)
 
 
 # ----------------------------------------------------------------------------- model
@@ -247,7 +266,7 @@ def test_unit_sensitivity_ranks_units(tiny3):
 # ----------------------------------------------------------------------------- engine
 
 
-@pytest.mark.parametrize("spec", ["w8", "mix:0.4"])
+@pytest.mark.parametrize("spec", ["w8", "mix:0.4", "w6", "mix6:0.45"])
 def test_engine_river_precision(tiny_dir, spec):
     cfg = EngineConfig(
         device="cpu", block_size=8, num_blocks=64, river_precision=spec, dtype=torch.float32
@@ -259,7 +278,7 @@ def test_engine_river_precision(tiny_dir, spec):
     [w] = eng.generate([prompt], sp)
     assert len(w.token_ids) == 8
     assert eng.river_bits is not None
-    want = {"w8": {8}, "mix:0.4": {4, 8}}[spec]
+    want = {"w8": {8}, "mix:0.4": {4, 8}, "w6": {6}, "mix6:0.45": {6, 8}}[spec]
     assert set(eng.river_bits.values()) == want
     kinds = {type(getattr(lw, f)).__name__ for lw in eng.model.river for f in UNITS}
     assert kinds == {"Tensor"}  # fp32 CPU: dequantized once
@@ -289,7 +308,10 @@ def test_bad_precision_is_a_config_error():
         EngineConfig(river_precision="w3")
 
 
-def test_bf16_cpu_engine_packs_both_formats(tiny_dir):
+@pytest.mark.parametrize(
+    "spec,packed", [("mix:0.4", "Int8CpuWeight"), ("mix6:0.45", "Int6CpuWeight")]
+)
+def test_bf16_cpu_engine_packs_both_formats(tiny_dir, spec, packed):
     from river.kernels import cpu
 
     from river.cpu import default_cpu_dtype
@@ -297,11 +319,11 @@ def test_bf16_cpu_engine_packs_both_formats(tiny_dir):
     if default_cpu_dtype() != torch.bfloat16:
         pytest.skip("no native bf16 on this CPU")
     eng = Engine(str(tiny_dir), EngineConfig(device="cpu", block_size=8, num_blocks=64,
-                                             river_precision="mix:0.4"))  # fmt: skip
+                                             river_precision=spec))  # fmt: skip
     eng.generate("x", SamplingParams(max_tokens=2, exit=ExitConfig("w4")))
     kinds = {type(getattr(lw, f)) for lw in eng.model.river for f in UNITS}
-    assert kinds <= {cpu.Int4CpuWeight, cpu.Int8CpuWeight, torch.Tensor}
-    assert cpu.Int8CpuWeight in kinds
+    assert kinds <= {cpu.Int4CpuWeight, cpu.Int6CpuWeight, cpu.Int8CpuWeight, torch.Tensor}
+    assert getattr(cpu, packed) in kinds and cpu.Int8CpuWeight in kinds
 
 
 def test_river_rows_read_the_head_twin(tiny3):
