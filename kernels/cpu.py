@@ -97,7 +97,7 @@ class Int6CpuWeight:
     [x | x], the hi groups' (scale, zero) (16 s, 128 s) and the lo groups' (s, (8 - z) s), the
     last rounded once to bf16 as in Int4CpuWeight. It reads 1 byte a weight plus two groups'
     scales, more than the 6-bit twin's 0.81 (torch has no 6-bit matmul), but the int4 kernel
-    converts weights ~2.4x faster than the int8 one: out of cache it ran a 3072 x 576 weight in
+    converts weights ~2x faster than the int8 one: out of cache it ran a 3072 x 576 weight in
     170-184 us against 185-203 us for int8 (BENCHMARKS.md, "6-bit twins")."""
 
     packed: torch.Tensor  # uint8 [N, K] (torch's CPU int4 layout of [N, 2K])
