@@ -123,7 +123,10 @@ def _cols(w, start: int, stop: int):
             f"a {w.bits}-bit group of {g} columns would straddle a shard at {start}:{stop}"
         )
     planes = {"qweight": w.qweight[:, start // 2 : stop // 2].clone()}
-    if w.bits == 6:  # (a group is a multiple of 4 columns: the 2-bit plane cuts on a byte)
+    if w.bits == 6:
+        if start % 4 or stop % 4:  # four columns share a byte of the 2-bit plane
+            raise ConfigError(f"a 6-bit shard must start and stop on a multiple of 4 columns, "
+                              f"got {start}:{stop}")  # fmt: skip
         planes["qweight_hi"] = w.qweight_hi[:, start // 4 : stop // 4].clone()
     return replace(
         w,

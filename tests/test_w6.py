@@ -145,3 +145,13 @@ def test_w6_cache_round_trip(tmp_path, monkeypatch):
     assert all(w.bits == 4 for w in four.values())
     with pytest.raises(ValueError, match="6- or 8-bit"):
         load_or_quantize(tmp_path, named, progress=False, bits=5)
+
+
+def test_w6_shard_cuts_on_whole_bytes():
+    from river.errors import ConfigError
+    from river.parallel import _cols
+
+    w = quantize_w6(random_weights(16, 64), group_size=2)
+    assert torch.equal(_cols(w, 0, 32).dequantize(), w.dequantize()[:, :32])
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        _cols(w, 0, 30)
