@@ -61,18 +61,10 @@ class W4Weight:
 
     def __post_init__(self):
         n, half_k = self.qweight.shape
-        k, g = 2 * half_k, self.group_size
+        k = 2 * half_k
         if self.qweight.dtype != torch.uint8:
             raise ValueError(f"W4Weight.qweight must be uint8, got {self.qweight.dtype}")
-        if g <= 0 or k % g:
-            raise ValueError(f"W4Weight: K={k} is not a multiple of group_size={g}")
-        for name in ("scales", "zeros"):
-            t = getattr(self, name)
-            if tuple(t.shape) != (n, k // g):
-                raise ValueError(
-                    f"W4Weight.{name} has shape {tuple(t.shape)}, expected {(n, k // g)} "
-                    f"for W [{n}, {k}] with group_size {g}"
-                )
+        _check_groups(self, n, k)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -104,6 +96,20 @@ class W4Weight:
         return _dequantize_groups(unpack_int4(self.qweight), self, dtype)
 
 
+def _check_groups(w, n, k):
+    """The group size divides K and the scales / zeros hold one value per group (W4/W6)."""
+    kind, g = type(w).__name__, w.group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"{kind}: K={k} is not a multiple of group_size={g}")
+    for name in ("scales", "zeros"):
+        t = getattr(w, name)
+        if tuple(t.shape) != (n, k // g):
+            raise ValueError(
+                f"{kind}.{name} has shape {tuple(t.shape)}, expected {(n, k // g)} "
+                f"for W [{n}, {k}] with group_size {g}"
+            )
+
+
 def _dequantize_groups(q, w, dtype):
     """(q - z) * s per group: q [N, K] integers, w a W4Weight or W6Weight."""
     n, k = q.shape
@@ -128,7 +134,7 @@ class W6Weight:
 
     def __post_init__(self):
         n, half_k = self.qweight.shape
-        k, g = 2 * half_k, self.group_size
+        k = 2 * half_k
         if self.qweight.dtype != torch.uint8 or self.qweight_hi.dtype != torch.uint8:
             raise ValueError("W6Weight.qweight and qweight_hi must be uint8")
         if k % 4 or tuple(self.qweight_hi.shape) != (n, k // 4):
@@ -136,14 +142,7 @@ class W6Weight:
                 f"W6Weight.qweight_hi has shape {tuple(self.qweight_hi.shape)}, expected "
                 f"{(n, k // 4)} for W [{n}, {k}] (K a multiple of 4)"
             )
-        if g <= 0 or k % g:
-            raise ValueError(f"W6Weight: K={k} is not a multiple of group_size={g}")
-        for name in ("scales", "zeros"):
-            if tuple(getattr(self, name).shape) != (n, k // g):
-                raise ValueError(
-                    f"W6Weight.{name} has shape {tuple(getattr(self, name).shape)}, expected "
-                    f"{(n, k // g)}"
-                )
+        _check_groups(self, n, k)
 
     @property
     def shape(self) -> tuple[int, int]:
