@@ -10,7 +10,7 @@ On a CPU-only machine:
     python benchmarks/bench_kernels.py --dry-run      # tiny shapes in the Triton interpreter:
                                                       # proves the script runs, times mean nothing
 
-Cases: W4A16 (group 64) and bf16 linears at the Llama-3-8B decode shapes (qkv 6144x4096,
+Cases: W4A16 and W6A16 (group 64) and bf16 linears at the Llama-3-8B decode shapes (qkv 6144x4096,
 o 4096x4096, gate_up 28672x4096, down 4096x14336) for M = 1, 8, 32 against cuBLAS (torch bf16
 matmul); the cost of a launch whose row mask is all False, inside a CUDA graph; the fused W4 KV
 projection; paged decode attention (32 q heads, 8 kv heads, head_dim 128, batch 1 and 32, 4096
@@ -18,9 +18,9 @@ context) against SDPA on a contiguous cache; prefill attention (2048 causal toke
 SDPA; sampling over a 128256 vocabulary against the torch reference.
 
 Each result row: kernel, shape, M, dtype, us, baseline, baseline_us, speedup (baseline_us / us),
-TBps (effective bytes / time: packed weights + scales + zeros for W4, weights for bf16, K/V for
-attention). The JSON (benchmarks/results/kernels-<device>.json) also records the device, torch
-and triton versions, the git commit and the command line.
+TBps (effective bytes / time: packed weights + scales + zeros for W4 and W6, weights for bf16,
+K/V for attention). The JSON (benchmarks/results/kernels-<device>.json) also records the
+device, torch and triton versions, the git commit and the command line.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ except ImportError:  # not installed: use the repository checkout
     sys.path.insert(0, str(ROOT))
     import kernels as K
 
-from river.quantize import W4Weight  # noqa: E402
+from river.quantize import W4Weight, W6Weight  # noqa: E402
 
 SETTINGS = importlib.import_module(f"{K.__name__}.matmul_settings")
 DEC = importlib.import_module(f"{K.__name__}.decode_attention")
@@ -131,6 +131,18 @@ def w4_bytes(n, k):
     return n * k // 2 + 2 * n * (k // GROUP) * torch.finfo(DTYPE).bits // 8
 
 
+def make_w6(n, k):
+    lo = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    hi = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, device=DEVICE)
+    s = (torch.rand(n, k // GROUP, device=DEVICE) * 0.005 + 0.001).to(DTYPE)
+    z = (torch.rand(n, k // GROUP, device=DEVICE) * 63).to(DTYPE)
+    return W6Weight(lo, hi, s, z, GROUP)
+
+
+def w6_bytes(n, k):
+    return w4_bytes(n, k) + n * k // 4
+
+
 # ----------------------------------------------------------------------------- cases
 
 
@@ -145,6 +157,7 @@ def bench_linears(results):
     for n, k in LINEAR_SHAPES:
         dense = torch.randn(n, k, device=DEVICE).to(DTYPE) * k**-0.5
         w4 = make_w4(n, k)
+        w6 = make_w6(n, k) if wanted("linear_w6") else None
         for m in MS:
             x = torch.randn(m, k, device=DEVICE).to(DTYPE)
             out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
@@ -154,6 +167,11 @@ def bench_linears(results):
                 us = bench(functools.partial(K.linear, x, w4, out=out))
                 results.append(
                     row("linear_w4a16", shape, m, us, "cublas_bf16", cublas, w4_bytes(n, k))
+                )
+            if w6 is not None:
+                us = bench(functools.partial(K.linear, x, w6, out=out))
+                results.append(
+                    row("linear_w6a16", shape, m, us, "cublas_bf16", cublas, w6_bytes(n, k))
                 )
             if wanted("linear_bf16"):
                 us = bench(functools.partial(K.linear, x, dense, out=out))

@@ -8,9 +8,9 @@
 What is compiled: each op the engine launches on CUDA (river/model.py through river/ops.py),
 through its real host launcher in kernels/*.py, so the settings table, split-K choices, grid
 and constexprs are the engine's own: rms_norm with and without the residual; the decode-step
-projections (o, down, lm_head, gate_up_silu) in bf16 and W4 (group 64) with the row mask the
-two-path decode passes; qkv_rope_store in bf16 and W4, with and without a row mask, at decode
-sizes and at a prefill size; paged decode attention with a row mask, with and without
+projections (o, down, lm_head, gate_up_silu) in bf16, W4, W6 (group 64) and W8 with the row
+mask the two-path decode passes; qkv_rope_store in each format, with and without a row mask,
+at decode sizes and at a prefill size; paged decode attention with a row mask, with and without
 kv_valid, at the context capacity of the graph runner (the model's window) and at a short
 eager one (each picks its own split count); prefill attention; sampling. Shapes: the default
 model (SmolLM2-135M) and Llama-3.1-8B at batch 1, 8, 32 and 64. Distinct variants compile

@@ -35,7 +35,7 @@ def _model_launches(name, s: Shape, batches):
     import river.kernels as K
     import torch
 
-    from river.quantize import W4Weight
+    from river.quantize import W4Weight, W6Weight
     from river.w8 import W8Weight
 
     empty = cuda_like_empty()
@@ -49,11 +49,18 @@ def _model_launches(name, s: Shape, batches):
             q, empty(n, k // GROUP, dtype=bf16), empty(n, k // GROUP, dtype=bf16), GROUP
         )
 
+    def w6(n, k):
+        q, hi = empty(n, k // 2, dtype=torch.uint8), empty(n, k // 4, dtype=torch.uint8)
+        return W6Weight(
+            q, hi, empty(n, k // GROUP, dtype=bf16), empty(n, k // GROUP, dtype=bf16), GROUP
+        )
+
     h, i = s.hidden_size, s.intermediate_size
     shapes = {"qkv": (qkv_rows, h), "o": (h, q_dim), "gate_up": (2 * i, h), "down": (h, i)}
     weights = {
         "bf16": {p: empty(n, k, dtype=bf16) for p, (n, k) in shapes.items()},
         "w4": {p: w4(n, k) for p, (n, k) in shapes.items()},
+        "w6": {p: w6(n, k) for p, (n, k) in shapes.items()},
         "w8": {
             p: W8Weight(empty(n, k, dtype=torch.int8), empty(n, dtype=bf16))
             for p, (n, k) in shapes.items()

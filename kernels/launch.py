@@ -51,14 +51,31 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def weight_bits(weight) -> int:
     """16 for a dense tensor, else the twin's bits (river.quantize.W4Weight: 4,
-    river.w8.W8Weight: 8)."""
+    river.quantize.W6Weight: 6, river.w8.W8Weight: 8)."""
     return 16 if isinstance(weight, torch.Tensor) else int(getattr(weight, "bits", 4))
 
 
+def _w4_words(q: torch.Tensor, k: int, g: int, what: str) -> torch.Tensor:
+    """The packed nibbles uint8 [N, K // 2] as int32 words [N, K // 8] (no copy)."""
+    if q.dtype != torch.uint8:
+        raise ValueError(f"{what} qweight must be uint8, got {q.dtype}")
+    if g % 8 or g & (g - 1):
+        raise ValueError(f"{what} kernels need a power-of-two group size >= 8, got {g}")
+    if k % g:
+        raise ValueError(f"{what} weight K={k} is not a multiple of group_size={g}")
+    if q.stride(1) != 1 or q.stride(0) % 4 or q.storage_offset() % 4:
+        raise ValueError(f"{what} qweight rows must be contiguous and 4-byte aligned")
+    return q.view(torch.int32)
+
+
 def weight_operands(weight, x: torch.Tensor):
-    """(w, scales, zeros, N, K, group, bits): W4 qweight viewed as int32 [N, K // 8] with
-    scales/zeros [N, K // G]; W8 qweight int8 [N, K] with its row scales [N] (also passed as
-    the unused zeros); dense: the weight itself in all three places."""
+    """(w, hi, scales, zeros, N, K, group, bits) as the projection kernels take them:
+    - W4: qweight viewed as int32 [N, K // 8], scales/zeros [N, K // G];
+    - W6: the same low plane, and qweight_hi (uint8 [N, K // 4]) viewed as int16 [N, K // 8]:
+      word j holds the 2-bit fields of columns 8j .. 8j + 7, the nibble words' index;
+    - W8: qweight int8 [N, K] with its row scales [N] (also passed as the unused zeros);
+    - dense: the weight itself in every place.
+    Unused operands are the weight again (a valid pointer the kernel never reads)."""
     bits = weight_bits(weight)
     if bits == 8:
         q, s = weight.qweight, weight.scales
@@ -68,33 +85,35 @@ def weight_operands(weight, x: torch.Tensor):
         if tuple(s.shape) != (n,):
             raise ValueError(f"W8 scales must be [N] = [{n}], got {tuple(s.shape)}")
         check_device(x, "activations", qweight=q, scales=s)
-        return q, s, s, n, k, 64, 8
-    if bits == 4:
+        return q, q, s, s, n, k, 64, 8
+    if bits in (4, 6):
+        what = f"W{bits}"
         q = weight.qweight
         n, half_k = q.shape
         k, g = 2 * half_k, int(weight.group_size)
-        if q.dtype != torch.uint8:
-            raise ValueError(f"W4 qweight must be uint8, got {q.dtype}")
-        if g % 8 or g & (g - 1):
-            raise ValueError(f"W4 kernels need a power-of-two group size >= 8, got {g}")
-        if k % g:
-            raise ValueError(f"W4 weight K={k} is not a multiple of group_size={g}")
-        if q.stride(1) != 1 or q.stride(0) % 4 or q.storage_offset() % 4:
-            raise ValueError("W4 qweight rows must be contiguous and 4-byte aligned")
-        words = q.view(torch.int32)  # [N, K // 8], no copy
+        words = _w4_words(q, k, g, what)
+        hi = words
+        if bits == 6:
+            h = weight.qweight_hi
+            if h.dtype != torch.uint8 or tuple(h.shape) != (n, k // 4):
+                raise ValueError(f"W6 qweight_hi must be uint8 [N, K // 4] = [{n}, {k // 4}]")
+            if h.stride(1) != 1 or h.stride(0) % 2 or h.storage_offset() % 2:
+                raise ValueError("W6 qweight_hi rows must be contiguous and 2-byte aligned")
+            check_device(x, "activations", qweight_hi=h)
+            hi = h.view(torch.int16)  # [N, K // 8], no copy
         s, z = weight.scales, weight.zeros
         for name, t in (("scales", s), ("zeros", z)):
             if tuple(t.shape) != (n, k // g) or t.stride(1) != 1:
-                raise ValueError(f"W4 {name} must be [N, K // G] with unit column stride")
+                raise ValueError(f"{what} {name} must be [N, K // G] with unit column stride")
         check_device(x, "activations", qweight=q, scales=s, zeros=z)
-        return words, s, z, n, k, g, 4
+        return words, hi, s, z, n, k, g, bits
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [N, K], a W4Weight or a W8Weight")
+        raise ValueError("weight must be a 2-D tensor [N, K], a W4Weight, a W6Weight or a W8Weight")
     if weight.stride(1) != 1:
         raise ValueError("dense weight must have unit stride along K")
     check_device(x, "activations", weight=weight)
     n, k = weight.shape
-    return weight, weight, weight, n, k, 64, 16
+    return weight, weight, weight, weight, n, k, 64, 16
 
 
 def check_device(ref: torch.Tensor, ref_name: str, **tensors) -> None:

@@ -1,6 +1,7 @@
-"""Decode-step linears: `linear` and `gate_up_silu`, bf16 or W4A16 weights, with a device row mask.
+"""Decode-step linears `linear` and `gate_up_silu`: bf16 or W4/W6/W8A16 weights, device row mask.
 
-One kernel serves both weight formats (constexpr `USE_W4`) and both ops (constexpr `GATE_UP`).
+One kernel serves every weight format (constexprs `USE_W4`, `HI_PLANE`, `ROW_SCALE`) and both
+ops (constexpr `GATE_UP`).
 The decode step multiplies M = 1..64 rows by a weight of N x K = 4096..28672 x 4096..14336, so
 the time is the time to stream the weight from HBM once; everything below is about that:
 
@@ -25,6 +26,12 @@ the time is the time to stream the weight from HBM once; everything below is abo
   - M > 1 (BLOCK_M >= 16): dequantize (q - z) * s in float32 (two FMAs), cast to the
     activation dtype, re-interleave the 8 nibble planes into k order with a tree of `tl.join`
     (register moves only) and use `tl.dot` (tensor cores); the rows beyond M are padding.
+* W6A16 (USE_W4 and HI_PLANE, river.quantize.W6Weight): the W4 path on the low nibbles plus
+  the 2-bit high plane (uint8 [N, K // 4] read as int16 words [N, K // 8], the same word index
+  as the nibbles): q = nibble + 16 h, each 2-bit field unpacked by the same OR-into-2^23 trick
+  (tiles.w2_field). 0.75 bytes a weight instead of 0.5, and about 1.5x the GEMV's unpacking.
+* W8A16 (ROW_SCALE, river.w8.W8Weight): the dense paths read the int8 weight; the row scale
+  multiplies the sum once.
 * Dense (bf16) weights: the same two paths without the unpacking (GEMV with 16-byte loads and
   FMAs for M == 1; `tl.dot` for M > 1).
 * Row mask: every program first reads the mask of its rows (a few bytes) and returns before
@@ -79,6 +86,7 @@ def _linear_epilogue(
 def _linear_kernel(
     x_ptr,  # [M, K] activations
     w_ptr,  # dense [N, K] or W4 int32 [N, K // 8]; N = N_OUT (linear) or 2 * N_OUT (gate_up)
+    h_ptr,  # W6 high plane int16 [N, K // 8] (HI_PLANE; a dummy otherwise)
     s_ptr,  # W4 scales [N, K // G] (a dummy when dense)
     z_ptr,  # W4 zeros [N, K // G]
     out_ptr,  # [M, N_OUT]
@@ -92,10 +100,12 @@ def _linear_kernel(
     W4_MAGIC,  # int32 0x4B000000 (see tiles.w4_nibble)
     stride_x_m,
     stride_w_n,
+    stride_h_n,
     stride_s_n,
     stride_z_n,
     stride_out_m,
     USE_W4: tl.constexpr,
+    HI_PLANE: tl.constexpr,  # W6: USE_W4's nibbles plus a 2-bit plane (tiles.matmul_tile)
     ROW_SCALE: tl.constexpr,  # W8: int8 [N, K] weight, s_ptr its row scales [N]
     GROUP: tl.constexpr,
     GATE_UP: tl.constexpr,
@@ -123,15 +133,16 @@ def _linear_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = matmul_tile(
-        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, offs_n, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP, BLOCK_M,
-        BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n,
+        stride_h_n, stride_s_n, stride_z_n, offs_n, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4,
+        HI_PLANE, ROW_SCALE, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     if GATE_UP:
         acc_up = matmul_tile(
-            x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-            stride_z_n, offs_n + N_OUT, n_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE,
-            GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+            x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n,
+            stride_h_n, stride_s_n, stride_z_n, offs_n + N_OUT, n_ok, k_start, k_stop, K,
+            W4_MAGIC, USE_W4, HI_PLANE, ROW_SCALE, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+            DOT_PRECISION,
         )  # fmt: skip
     else:
         acc_up = acc
@@ -161,8 +172,8 @@ def _linear_kernel(
 
 def _launch_linear(x, weight, row_mask, out, gate_up: bool, settings: LaunchSettings | None):
     x, row_mask = check_rows(x, row_mask)
-    w, s, z, n_w, k, group, bits = weight_operands(weight, x)
-    use_w4 = bits == 4
+    w, h, s, z, n_w, k, group, bits = weight_operands(weight, x)
+    use_w4 = bits in (4, 6)  # W6 is W4's nibbles plus a 2-bit plane
     m = x.shape[0]
     if k != x.shape[1]:
         raise ValueError(f"x has K={x.shape[1]}, weight has K={k}")
@@ -176,7 +187,7 @@ def _launch_linear(x, weight, row_mask, out, gate_up: bool, settings: LaunchSett
         raise ValueError(f"out must be [{m}, {n_out}] on {x.device} with unit column stride")
     if m == 0 or n_out == 0:
         return out
-    cfg = settings or linear_settings(n_out, k, m, use_w4, group, num_sms(x.device))
+    cfg = settings or linear_settings(n_out, k, m, use_w4, group, num_sms(x.device), bits == 6)
     if use_w4 and cfg.block_m == 1 and cfg.block_k % group:
         raise ValueError(f"W4 GEMV block_k={cfg.block_k} must be a multiple of group {group}")
     tiles_n, tiles_m = triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m)
@@ -186,10 +197,10 @@ def _launch_linear(x, weight, row_mask, out, gate_up: bool, settings: LaunchSett
     )
     mask = row_mask if row_mask is not None else x
     _linear_kernel[(split, tiles_n, tiles_m)](
-        x, w, s, z, out, mask, ws, cnt,
+        x, w, h, s, z, out, mask, ws, cnt,
         m, n_out, k, k_per_split, W4_MAGIC,
-        x.stride(0), w.stride(0), s.stride(0), z.stride(0), out.stride(0),
-        USE_W4=use_w4, ROW_SCALE=bits == 8, GROUP=group, GATE_UP=gate_up,
+        x.stride(0), w.stride(0), h.stride(0), s.stride(0), z.stride(0), out.stride(0),
+        USE_W4=use_w4, HI_PLANE=bits == 6, ROW_SCALE=bits == 8, GROUP=group, GATE_UP=gate_up,
         HAS_ROW_MASK=row_mask is not None,
         SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, DOT_PRECISION=dot_precision(x.dtype),
@@ -207,7 +218,7 @@ def _use_cublas(x, weight, row_mask) -> bool:
 
 def linear(x, weight, row_mask=None, out=None, settings: LaunchSettings | None = None):
     """out[m] = x[m] @ W.T for the rows in row_mask (others keep out's content; zeros when out
-    is None). x [M, K]; W [N, K] tensor, W4Weight or W8Weight. Same semantics as
+    is None). x [M, K]; W [N, K] tensor, W4Weight, W6Weight or W8Weight. Same semantics as
     reference.linear.
     settings: force the launch settings (tests, the benchmark sweep); None = linear_settings."""
     if settings is None and _use_cublas(x, weight, row_mask):

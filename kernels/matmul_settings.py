@@ -57,9 +57,16 @@ def _dot_path_cost(n, k, m, block_m, block_n, split, use_w4, group_size):
 
 @functools.cache  # a pure function of its arguments; called on every eager launch
 def linear_settings(
-    n: int, k: int, m: int, use_w4: bool, group_size: int = 64, num_sms: int = 132
+    n: int,
+    k: int,
+    m: int,
+    use_w4: bool,
+    group_size: int = 64,
+    num_sms: int = 132,
+    hi_plane: bool = False,
 ) -> LaunchSettings:
-    """Launch settings of the projection kernels for weight N x K and M rows.
+    """Launch settings of the projection kernels for weight N x K and M rows (hi_plane: a
+    6-bit twin, use_w4 with the 2-bit plane).
 
     n is the number of output columns one program's accumulator covers in total (N for
     linear, I for gate_up where each program also does the matching up rows).
@@ -72,6 +79,11 @@ def linear_settings(
         # W4: [64 rows, 256 k] = 8 KiB of packed weight per step, 4 x 16-byte loads a thread;
         # bf16: [32 rows, 256 k] = 16 KiB per step
         block_n, block_k = (64, max(group_size, 256)) if use_w4 else (32, 256)
+        if hi_plane:
+            # W6: [64 rows, 128 k] = 6 KiB of the two planes per step. At 256 k ptxas kept
+            # both planes' prefetched words live in ~255 registers a thread (sm_90); at 128 k
+            # in ~80, W4's occupancy or better (tests/test_compile_sm90.py reports them)
+            block_k = max(group_size, 128)
         block_k = min(block_k, max(group_size if use_w4 else 16, triton.next_power_of_2(k)))
         tiles = triton.cdiv(n, block_n)
         split = pick_split(triton.cdiv(k, block_k), tiles, num_sms)

@@ -103,6 +103,7 @@ def _qkv_rope_epilogue(
 def _qkv_rope_kernel(
     x_ptr,  # [M, K] normed hidden state
     w_ptr,  # dense [(Hq + 2 Hkv) D, K] or W4 int32 [(Hq + 2 Hkv) D, K // 8]
+    h_ptr,  # W6 high plane int16 [N, K // 8] (HI_PLANE; a dummy otherwise)
     s_ptr,  # W4 scales [N, K // G]
     z_ptr,  # W4 zeros [N, K // G]
     cos_ptr,  # [max_pos, D/2] float32
@@ -125,6 +126,7 @@ def _qkv_rope_kernel(
     PAGE,  # tokens per cache block
     stride_x_m,
     stride_w_n,
+    stride_h_n,
     stride_s_n,
     stride_z_n,
     stride_cos_p,
@@ -135,6 +137,7 @@ def _qkv_rope_kernel(
     stride_q_m,
     stride_q_h,
     USE_W4: tl.constexpr,
+    HI_PLANE: tl.constexpr,  # W6: USE_W4's nibbles plus a 2-bit plane (tiles.matmul_tile)
     ROW_SCALE: tl.constexpr,  # W8: int8 [N, K] weight, s_ptr its row scales [N]
     GROUP: tl.constexpr,
     HAS_ROW_MASK: tl.constexpr,
@@ -162,16 +165,14 @@ def _qkv_rope_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     acc_a = matmul_tile(
-        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, rows_a, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP, BLOCK_M,
-        BLOCK_N,
-        BLOCK_K, EVEN_K, DOT_PRECISION,
+        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n,
+        stride_h_n, stride_s_n, stride_z_n, rows_a, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4,
+        HI_PLANE, ROW_SCALE, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     acc_b = matmul_tile(
-        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-        stride_z_n, rows_a + HALF, d_ok, k_start, k_stop, K, W4_MAGIC, USE_W4, ROW_SCALE, GROUP,
-        BLOCK_M,
-        BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+        x_ptr, stride_x_m, row0, offs_m, m_ok, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n,
+        stride_h_n, stride_s_n, stride_z_n, rows_a + HALF, d_ok, k_start, k_stop, K, W4_MAGIC,
+        USE_W4, HI_PLANE, ROW_SCALE, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
     )  # fmt: skip
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(1) + head
@@ -194,7 +195,7 @@ def _qkv_rope_kernel(
         )  # fmt: skip
 
 
-def _qkv_settings(m, k, half, heads, use_w4, group, num_sms):
+def _qkv_settings(m, k, half, heads, use_w4, group, num_sms, hi_plane=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps): BLOCK_N covers half a head; the split
     follows the linear heuristic (~4 programs per SM)."""
     bucket = m_bucket(m)
@@ -203,6 +204,8 @@ def _qkv_settings(m, k, half, heads, use_w4, group, num_sms):
         block_m = 1
         # W4: one K step = whole groups; dense: [BLOCK_N, 64] x 2 accumulators in registers
         block_k = max(group, 256) if use_w4 else 64
+        if hi_plane:  # W6: half the K step keeps the two planes' words in ~80 registers
+            block_k = max(group, 128)
         warps = 4
     else:
         block_m = 64 if bucket == "big" else bucket
@@ -226,8 +229,8 @@ def qkv_rope_store(
     Returns Q [M, Hq, D] (rows outside row_mask keep q_out's content, zeros when q_out is None).
     Same semantics as reference.qkv_rope_store; a negative slot (padding) writes nothing."""
     x, row_mask = check_rows(x, row_mask)
-    w, s, z, n, k, group, bits = weight_operands(weight, x)
-    use_w4 = bits == 4
+    w, h, s, z, n, k, group, bits = weight_operands(weight, x)
+    use_w4 = bits in (4, 6)  # W6 is W4's nibbles plus a 2-bit plane
     m = x.shape[0]
     if k_cache.dim() != 4 or k_cache.shape[2] != num_kv_heads or k_cache.stride(3) != 1:
         raise ValueError(
@@ -264,7 +267,7 @@ def qkv_rope_store(
     positions = positions.contiguous()
     slot_mapping = slot_mapping.contiguous()
     block_m, block_n, block_k, split_k, warps = _qkv_settings(
-        m, k, half, heads, use_w4, group, num_sms(x.device)
+        m, k, half, heads, use_w4, group, num_sms(x.device), bits == 6
     )
     tiles_m = triton.cdiv(m, block_m)
     k_per_split, split, ws, cnt = split_launch(
@@ -272,12 +275,12 @@ def qkv_rope_store(
     )
     mask = row_mask if row_mask is not None else x
     _qkv_rope_kernel[(split, heads, tiles_m)](
-        x, w, s, z, cos, sin, positions, k_cache, v_cache, slot_mapping, q_out, mask, ws, cnt,
-        m, k, k_per_split, W4_MAGIC, num_heads, num_kv_heads, half, k_cache.shape[1],
-        x.stride(0), w.stride(0), s.stride(0), z.stride(0), cos.stride(0), sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0), q_out.stride(1),
-        USE_W4=use_w4, ROW_SCALE=bits == 8, GROUP=group, HAS_ROW_MASK=row_mask is not None,
-        SPLIT_K=split,
+        x, w, h, s, z, cos, sin, positions, k_cache, v_cache, slot_mapping, q_out, mask, ws,
+        cnt, m, k, k_per_split, W4_MAGIC, num_heads, num_kv_heads, half, k_cache.shape[1],
+        x.stride(0), w.stride(0), h.stride(0), s.stride(0), z.stride(0), cos.stride(0),
+        sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0),
+        q_out.stride(1), USE_W4=use_w4, HI_PLANE=bits == 6, ROW_SCALE=bits == 8, GROUP=group,
+        HAS_ROW_MASK=row_mask is not None, SPLIT_K=split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=3,
     )  # fmt: skip

@@ -62,7 +62,8 @@ def _masked_store(out, value, row_mask):
 
 
 def linear(x, weight, row_mask=None, out=None):
-    """out[m] = x[m] @ W.T for rows in row_mask. x [M, K]; W [N, K] tensor or W4Weight."""
+    """out[m] = x[m] @ W.T for rows in row_mask. x [M, K]; W [N, K] tensor or a twin
+    (W4Weight, W6Weight, W8Weight)."""
     y = x @ _dense(weight, x.dtype).t()
     if out is None and row_mask is None:
         return y
@@ -94,7 +95,7 @@ def apply_rope(x, cos, sin, positions):
 
 def qkv_rope_store(
     x,  # [M, K] normed hidden state
-    weight,  # [(Hq + 2 * Hkv) * D, K] tensor or W4Weight: q rows, then k rows, then v rows
+    weight,  # [(Hq + 2 * Hkv) * D, K] tensor or a twin: q rows, then k rows, then v rows
     cos,  # [max_pos, D // 2] float32
     sin,  # [max_pos, D // 2] float32
     positions,  # int [M]

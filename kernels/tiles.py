@@ -1,10 +1,11 @@
 """The @triton.jit tiles of every projection kernel (linear, gate_up_silu, qkv_rope_store).
 
 `matmul_tile` is the one inner loop: a [BLOCK_M, BLOCK_N] float32 partial product of the
-activations and a bf16 or W4A16 weight over a K range, by CUDA-core GEMV (BLOCK_M == 1) or
-tensor-core `tl.dot` (BLOCK_M >= 16). The W4 unpacking (`w4_nibble`) and the row-mask probe
-(`rows_active`) live here too. kernels/matmul.py explains the design; this module holds only
-device code, so the kernels that share it stay one copy.
+activations and a bf16, W4A16, W6A16 or W8A16 weight over a K range, by CUDA-core GEMV
+(BLOCK_M == 1) or tensor-core `tl.dot` (BLOCK_M >= 16). The W4 unpacking (`w4_nibble`), the
+6-bit twins' 2-bit plane (`w2_field`) and the row-mask probe (`rows_active`) live here too.
+kernels/matmul.py explains the design; this module holds only device code, so the kernels
+that share it stay one copy.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["W4_MAGIC", "rows_active", "w4_nibble", "matmul_tile"]
+__all__ = ["W4_MAGIC", "rows_active", "w4_nibble", "w2_field", "matmul_tile"]
 
 W4_MAGIC = 0x4B000000  # the float 2^23: see w4_nibble
 
@@ -57,8 +58,22 @@ def w4_nibble(words, magic, NIBBLE: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
+def w2_field(hwords, magic, FIELD: tl.constexpr):
+    """Field FIELD (k = 8 word + FIELD) of the 6-bit twins' high plane as the float32
+    h * 4^FIELD (h in 0..3), by the same OR-into-2^23 trick as w4_nibble (one LOP3 + one FADD).
+
+    `hwords` are that plane's 16-bit words widened to int32 (field i in bits 2i, 2i + 1; the
+    sign extension of the widening only touches bits 16..31, which the mask drops). The
+    caller folds 16 / 4^FIELD into the activations (GEMV) or the dequantization (tl.dot):
+    q = low nibble + 16 h."""
+    bits = (hwords & (3 << (2 * FIELD))) | magic
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _w4_gemv_load(
     w_rows,  # [BLOCK_N, 1, 1] row pointers into int32 [N, K // 8]
+    h_rows,  # [BLOCK_N, 1, 1] row pointers into the int16 high plane [N, K // 8] (HI_PLANE)
     s_rows,  # [BLOCK_N, 1] row pointers into [N, K // G]
     z_rows,
     rows_ok,
@@ -67,12 +82,14 @@ def _w4_gemv_load(
     k0,  # first column of the step (a multiple of BLOCK_K)
     k_stop,
     K,
+    HI_PLANE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """Packed words [BLOCK_N, NGB, WPG], scales and zeros [BLOCK_N, NGB] of the K step at k0;
-    zeros (and no memory traffic) when k0 >= k_stop (the prefetch past the last step)."""
+    """Packed words [BLOCK_N, NGB, WPG] (and, HI_PLANE, the high plane's words widened to
+    int32; else the low words again, unused), scales and zeros [BLOCK_N, NGB] of the K step at
+    k0; zeros (and no memory traffic) when k0 >= k_stop (the prefetch past the last step)."""
     k0 = tl.multiple_of(k0, BLOCK_K)
     kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + word
     kg = k0 // GROUP + offs_g
@@ -84,18 +101,38 @@ def _w4_gemv_load(
         w_ok = w_ok & (kw < K // 8)[None, :, :]
         g_ok = g_ok & (kg < K // GROUP)[None, :]
     words = tl.load(w_rows + kw[None, :, :], mask=w_ok, other=0)
+    if HI_PLANE:
+        hwords = tl.load(h_rows + kw[None, :, :], mask=w_ok, other=0).to(tl.int32)
+    else:
+        hwords = words
     s = tl.load(s_rows + kg[None, :], mask=g_ok, other=0.0)
     z = tl.load(z_rows + kg[None, :], mask=g_ok, other=0.0)
-    return words, s, z
+    return words, hwords, s, z
+
+
+@triton.jit
+def _gemv_code(words, hwords, magic, NIBBLE: tl.constexpr, HI_PLANE: tl.constexpr):
+    """q * 2^E of column k = 8 word + NIBBLE, E as in w4_nibble (the GEMV folds 2^-E into x):
+    the nibble, plus (HI_PLANE) 16 h from the 2-bit plane, combined before the multiply by x
+    so a 6-bit weight costs one more LOP3 + FADD + FFMA than a 4-bit one, no extra x copies.
+    Exact: q * 2^E <= 63 * 2^16 < 2^24."""
+    q = w4_nibble(words, magic, NIBBLE, False)
+    if HI_PLANE:
+        E: tl.constexpr = 4 * NIBBLE - 12 * (NIBBLE // 5)
+        # w2_field is h 4^NIBBLE; 16 h 2^E = that * 2^(4 + E - 2 NIBBLE), E >= 2 NIBBLE - 2
+        q += w2_field(hwords, magic, NIBBLE) * (1 << (4 + E - 2 * NIBBLE))
+    return q
 
 
 @triton.jit
 def _w4_gemv_tile(
     x_row_ptr,  # [K] the activation row (BLOCK_M == 1)
     w_ptr,  # int32 [N, K // 8]
+    h_ptr,  # int16 [N, K // 8] the 6-bit twins' high plane (HI_PLANE)
     s_ptr,  # [N, K // G]
     z_ptr,  # [N, K // G]
     stride_w_n,
+    stride_h_n,
     stride_s_n,
     stride_z_n,
     rows,  # [BLOCK_N] weight rows
@@ -104,6 +141,7 @@ def _w4_gemv_tile(
     k_stop,
     K,
     magic,  # int32 0x4B000000 (see w4_nibble)
+    HI_PLANE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,28 +150,31 @@ def _w4_gemv_tile(
     """acc[n] = sum_k x[k] * (q[n, k] - z[n, k // G]) * s[n, k // G] over [k_start, k_stop).
 
     Tiles are [BLOCK_N, NGB groups, WPG words]; per group the scale/zero are applied once:
-    s * (sum x q - z * sum x). Returns [1, BLOCK_N] float32."""
+    s * (sum x q - z * sum x). HI_PLANE (6-bit): q = nibble + 16 h (_gemv_code). Returns
+    [1, BLOCK_N] float32."""
     WPG: tl.constexpr = GROUP // 8  # int32 words per quantization group
     NGB: tl.constexpr = BLOCK_K // GROUP  # groups per K step
     offs_g = tl.arange(0, NGB)
     word = offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NGB, WPG] word in the step
     rows64 = rows.to(tl.int64)
     w_rows = w_ptr + rows64[:, None, None] * stride_w_n
+    h_rows = h_ptr + rows64[:, None, None] * stride_h_n
     s_rows = s_ptr + rows64[:, None] * stride_s_n
     z_rows = z_ptr + rows64[:, None] * stride_z_n
     acc = tl.zeros([BLOCK_N, NGB], dtype=tl.float32)
     # Software pipelining by hand (Triton only pipelines loads that feed tl.dot): the packed
     # words, scales and zeros of step k0 + BLOCK_K are requested before step k0 is unpacked,
     # so every warp keeps one step of HBM traffic in flight while it computes.
-    words, s, z = _w4_gemv_load(
-        w_rows, s_rows, z_rows, rows_ok, word, offs_g, k_start, k_stop, K, GROUP, BLOCK_K, EVEN_K
-    )
+    words, hwords, s, z = _w4_gemv_load(
+        w_rows, h_rows, s_rows, z_rows, rows_ok, word, offs_g, k_start, k_stop, K, HI_PLANE,
+        GROUP, BLOCK_K, EVEN_K,
+    )  # fmt: skip
     for k0 in range(k_start, k_stop, BLOCK_K):
         k0 = tl.multiple_of(k0, BLOCK_K)  # k_start is a multiple of BLOCK_K: 16-byte loads
         kw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + word  # [NGB, WPG] global word index
-        words_next, s_next, z_next = _w4_gemv_load(
-            w_rows, s_rows, z_rows, rows_ok, word, offs_g, k0 + BLOCK_K, k_stop, K, GROUP,
-            BLOCK_K, EVEN_K,
+        words_next, hwords_next, s_next, z_next = _w4_gemv_load(
+            w_rows, h_rows, s_rows, z_rows, rows_ok, word, offs_g, k0 + BLOCK_K, k_stop, K,
+            HI_PLANE, GROUP, BLOCK_K, EVEN_K,
         )  # fmt: skip
         # sum of x over each group, from one contiguous (vectorised) load of the x chunk
         k = k0 + tl.arange(0, BLOCK_K)
@@ -156,17 +197,24 @@ def _w4_gemv_tile(
         x2, x6 = tl.split(xe1)
         x1, x5 = tl.split(xo0)
         x3, x7 = tl.split(xo1)
-        part = w4_nibble(words, magic, 0, False) * (x0 * 1.0)[None, :, :]
-        part += w4_nibble(words, magic, 1, False) * (x1 * 0.0625)[None, :, :]
-        part += w4_nibble(words, magic, 2, False) * (x2 * 0.00390625)[None, :, :]
-        part += w4_nibble(words, magic, 3, False) * (x3 * 0.000244140625)[None, :, :]
-        part += w4_nibble(words, magic, 4, False) * (x4 * 1.52587890625e-05)[None, :, :]
-        part += w4_nibble(words, magic, 5, False) * (x5 * 0.00390625)[None, :, :]
-        part += w4_nibble(words, magic, 6, False) * (x6 * 0.000244140625)[None, :, :]
-        part += w4_nibble(words, magic, 7, False) * (x7 * 1.52587890625e-05)[None, :, :]
+        part = _gemv_code(words, hwords, magic, 0, HI_PLANE) * (x0 * 1.0)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 1, HI_PLANE) * (x1 * 0.0625)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 2, HI_PLANE) * (x2 * 0.00390625)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 3, HI_PLANE) * (x3 * 0.000244140625)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 4, HI_PLANE) * (x4 * 1.52587890625e-05)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 5, HI_PLANE) * (x5 * 0.00390625)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 6, HI_PLANE) * (x6 * 0.000244140625)[None, :, :]
+        part += _gemv_code(words, hwords, magic, 7, HI_PLANE) * (x7 * 1.52587890625e-05)[None, :, :]
         acc += s.to(tl.float32) * (tl.sum(part, axis=2) - z.to(tl.float32) * xg[None, :])
-        words, s, z = words_next, s_next, z_next
+        words, hwords, s, z = words_next, hwords_next, s_next, z_next
     return tl.sum(acc, axis=1)[None, :]
+
+
+@triton.jit
+def _w6_code(words, hwords, magic, FIELD: tl.constexpr):
+    """The 6-bit code q = nibble + 16 h of column k = 8 word + FIELD, exact in float32."""
+    hi = w2_field(hwords, magic, FIELD)  # h * 4^FIELD
+    return hi * (16.0 / (1 << (2 * FIELD))) + w4_nibble(words, magic, FIELD, True)
 
 
 @triton.jit
@@ -176,9 +224,11 @@ def _w4_dot_tile(
     offs_m,  # [BLOCK_M]
     m_ok,
     w_ptr,  # int32 [N, K // 8]
+    h_ptr,  # int16 [N, K // 8] the 6-bit twins' high plane (HI_PLANE)
     s_ptr,  # [N, K // G]
     z_ptr,  # [N, K // G]
     stride_w_n,
+    stride_h_n,
     stride_s_n,
     stride_z_n,
     rows,  # [BLOCK_N]
@@ -187,6 +237,7 @@ def _w4_dot_tile(
     k_stop,
     K,
     magic,  # int32 0x4B000000 (see w4_nibble)
+    HI_PLANE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -198,13 +249,15 @@ def _w4_dot_tile(
 
     The 8 nibble planes [BLOCK_N, BLOCK_K / 8] are dequantized separately (w = q * s - z * s,
     one exact FMA for q and one FMA for w), then interleaved back into k order by three levels
-    of tl.join (k = 8 * word + 4 * i2 + 2 * i1 + i0; the last join is the fastest index)."""
+    of tl.join (k = 8 * word + 4 * i2 + 2 * i1 + i0; the last join is the fastest index).
+    HI_PLANE (6-bit): q = nibble + 16 h, one more exact FMA per weight."""
     BKW: tl.constexpr = BLOCK_K // 8
     offs_w = tl.arange(0, BKW)
     offs_k = tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_m
     w_rows = w_ptr + rows64[:, None] * stride_w_n
+    h_rows = h_ptr + rows64[:, None] * stride_h_n
     s_rows = s_ptr + rows64[:, None] * stride_s_n
     z_rows = z_ptr + rows64[:, None] * stride_z_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -212,29 +265,40 @@ def _w4_dot_tile(
         k0 = tl.multiple_of(k0, BLOCK_K)  # k_start is a multiple of BLOCK_K: 16-byte loads
         kw = tl.multiple_of(k0 // 8, BKW) + offs_w  # [BKW]
         kg = kw // (GROUP // 8)  # [BKW] group of each word (a word never straddles groups)
-        if EVEN_K:
-            words = tl.load(w_rows + kw[None, :], mask=rows_ok[:, None], other=0)
-            s = tl.load(s_rows + kg[None, :], mask=rows_ok[:, None], other=0.0)
-            z = tl.load(z_rows + kg[None, :], mask=rows_ok[:, None], other=0.0)
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+        w_ok = rows_ok[:, None]
+        x_ok = m_ok[:, None]
+        if not EVEN_K:
+            w_ok = w_ok & (kw < K // 8)[None, :]
+            x_ok = x_ok & (k0 + offs_k < K)[None, :]
+        words = tl.load(w_rows + kw[None, :], mask=w_ok, other=0)
+        if HI_PLANE:
+            hw = tl.load(h_rows + kw[None, :], mask=w_ok, other=0).to(tl.int32)
         else:
-            ok = rows_ok[:, None] & (kw < K // 8)[None, :]
-            words = tl.load(w_rows + kw[None, :], mask=ok, other=0)
-            s = tl.load(s_rows + kg[None, :], mask=ok, other=0.0)
-            z = tl.load(z_rows + kg[None, :], mask=ok, other=0.0)
-            x_ok = m_ok[:, None] & (k0 + offs_k < K)[None, :]
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_ok, other=0.0)
+            hw = words
+        s = tl.load(s_rows + kg[None, :], mask=w_ok, other=0.0)
+        z = tl.load(z_rows + kg[None, :], mask=w_ok, other=0.0)
+        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_ok, other=0.0)
         s = s.to(tl.float32)
         zs = -z.to(tl.float32) * s
         dt = x.dtype
-        n0 = (w4_nibble(words, magic, 0, True) * s + zs).to(dt)
-        n1 = (w4_nibble(words, magic, 1, True) * s + zs).to(dt)
-        n2 = (w4_nibble(words, magic, 2, True) * s + zs).to(dt)
-        n3 = (w4_nibble(words, magic, 3, True) * s + zs).to(dt)
-        n4 = (w4_nibble(words, magic, 4, True) * s + zs).to(dt)
-        n5 = (w4_nibble(words, magic, 5, True) * s + zs).to(dt)
-        n6 = (w4_nibble(words, magic, 6, True) * s + zs).to(dt)
-        n7 = (w4_nibble(words, magic, 7, True) * s + zs).to(dt)
+        if HI_PLANE:
+            n0 = (_w6_code(words, hw, magic, 0) * s + zs).to(dt)
+            n1 = (_w6_code(words, hw, magic, 1) * s + zs).to(dt)
+            n2 = (_w6_code(words, hw, magic, 2) * s + zs).to(dt)
+            n3 = (_w6_code(words, hw, magic, 3) * s + zs).to(dt)
+            n4 = (_w6_code(words, hw, magic, 4) * s + zs).to(dt)
+            n5 = (_w6_code(words, hw, magic, 5) * s + zs).to(dt)
+            n6 = (_w6_code(words, hw, magic, 6) * s + zs).to(dt)
+            n7 = (_w6_code(words, hw, magic, 7) * s + zs).to(dt)
+        else:
+            n0 = (w4_nibble(words, magic, 0, True) * s + zs).to(dt)
+            n1 = (w4_nibble(words, magic, 1, True) * s + zs).to(dt)
+            n2 = (w4_nibble(words, magic, 2, True) * s + zs).to(dt)
+            n3 = (w4_nibble(words, magic, 3, True) * s + zs).to(dt)
+            n4 = (w4_nibble(words, magic, 4, True) * s + zs).to(dt)
+            n5 = (w4_nibble(words, magic, 5, True) * s + zs).to(dt)
+            n6 = (w4_nibble(words, magic, 6, True) * s + zs).to(dt)
+            n7 = (w4_nibble(words, magic, 7, True) * s + zs).to(dt)
         b0 = tl.join(tl.join(n0, n4), tl.join(n2, n6))  # [BN, BKW, i2, i1], i0 = 0
         b1 = tl.join(tl.join(n1, n5), tl.join(n3, n7))  # i0 = 1
         w = tl.reshape(tl.join(b0, b1), [BLOCK_N, BLOCK_K])  # k = 8 * word + 4 i2 + 2 i1 + i0
@@ -317,10 +381,12 @@ def matmul_tile(
     row0,  # first row of this program's row block
     offs_m,  # [BLOCK_M] rows of this program
     m_ok,
-    w_ptr,  # dense [N, K], or W4 int32 [N, K // 8]
-    s_ptr,  # W4 scales [N, K // G] (unused when dense)
-    z_ptr,  # W4 zeros [N, K // G]
+    w_ptr,  # dense [N, K], or W4/W6 int32 [N, K // 8] (the low nibbles)
+    h_ptr,  # W6 high plane int16 [N, K // 8] (unused otherwise)
+    s_ptr,  # W4/W6 scales [N, K // G], W8 row scales [N] (unused when dense)
+    z_ptr,  # W4/W6 zeros [N, K // G]
     stride_w_n,
+    stride_h_n,
     stride_s_n,
     stride_z_n,
     rows,  # [BLOCK_N] weight rows of this tile
@@ -330,6 +396,7 @@ def matmul_tile(
     K,
     magic,  # int32 0x4B000000, a run-time value on purpose (see w4_nibble)
     USE_W4: tl.constexpr,
+    HI_PLANE: tl.constexpr,  # with USE_W4: the 6-bit twins (W6A16), nibble + 16 * 2-bit plane
     ROW_SCALE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -341,20 +408,21 @@ def matmul_tile(
     """[BLOCK_M, BLOCK_N] float32 partial product x[rows_m, k_start:k_stop] @ W[rows, same].T.
 
     The one inner loop of every projection (linear, gate_up_silu, qkv_rope_store): the
-    format (USE_W4; ROW_SCALE: W8, an int8 weight read by the dense tiles, its per-row scale
-    applied once to the sum, which is linear in W, so split-K partials may be scaled too) and
-    the path (BLOCK_M == 1: CUDA-core GEMV; else tl.dot) are constexpr."""
+    format (USE_W4; USE_W4 and HI_PLANE: W6; ROW_SCALE: W8, an int8 weight read by the dense
+    tiles, its per-row scale applied once to the sum, which is linear in W, so split-K
+    partials may be scaled too) and the path (BLOCK_M == 1: CUDA-core GEMV; else tl.dot) are
+    constexpr."""
     x_row = x_ptr + row0.to(tl.int64) * stride_x_m  # the GEMV paths' single row
     if USE_W4 and BLOCK_M == 1:
         acc = _w4_gemv_tile(
-            x_row, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n, stride_z_n, rows, rows_ok,
-            k_start, k_stop, K, magic, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
+            x_row, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n, stride_h_n, stride_s_n, stride_z_n,
+            rows, rows_ok, k_start, k_stop, K, magic, HI_PLANE, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
         )  # fmt: skip
     elif USE_W4:
         acc = _w4_dot_tile(
-            x_ptr, stride_x_m, offs_m, m_ok, w_ptr, s_ptr, z_ptr, stride_w_n, stride_s_n,
-            stride_z_n, rows, rows_ok, k_start, k_stop, K, magic, GROUP, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, DOT_PRECISION,
+            x_ptr, stride_x_m, offs_m, m_ok, w_ptr, h_ptr, s_ptr, z_ptr, stride_w_n, stride_h_n,
+            stride_s_n, stride_z_n, rows, rows_ok, k_start, k_stop, K, magic, HI_PLANE, GROUP,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
         )  # fmt: skip
     elif BLOCK_M == 1:
         acc = _dense_gemv_tile(

@@ -14,7 +14,6 @@ all-gathered; everything else (norms, the exit rule) runs on the replicated resi
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -118,11 +117,6 @@ class LlamaModel:
                 return cls.from_quantized(w)
             except ValueError:  # a shape the pack cannot tile: dense bf16 instead
                 pass
-        if self.device.type == "cuda" and w.bits == 6:
-            # The Triton kernels have no 6-bit path yet: the twin runs as a dense bf16 weight
-            # (right values, but 2 bytes a weight instead of 0.81; BENCHMARKS.md "6-bit twins")
-            _warn_w6_dense()
-            return w.dequantize(self.dtype).to(self.device).contiguous()
         w = w.to(device=self.device, dtype=self.dtype)
         return w if self.device.type == "cuda" else w.dequantize(self.dtype).contiguous()
 
@@ -389,12 +383,3 @@ def _two_path(op, x, name, paths, out):
 def _block_offset(slot_mapping, block_size):
     slots = slot_mapping.long()
     return slots // block_size, slots % block_size
-
-
-@functools.cache
-def _warn_w6_dense() -> None:
-    warnings.warn(
-        "6-bit river twins run dequantized to bf16 on CUDA (no 6-bit Triton kernel yet): they "
-        "read 2 bytes a weight, more than the 8-bit twins",
-        stacklevel=4,
-    )

@@ -12,8 +12,8 @@ count of a decode token is what decides its speed. So precision is a knob, set p
     "w6"        every twin 6-bit (group-wise, river.quantize.W6Weight: 0.41x of bf16's bytes)
     "mix6:B"    as "mix:B" from a 6-bit base: 6-bit twins, the units whose 8-bit twin buys the
                 most per byte 8-bit (B between 0.41 and 0.5). At the default's bytes it measured
-                far better than the 4/8 mix (BENCHMARKS.md, "6-bit twins"), but the Triton
-                kernels have no 6-bit path yet: on CUDA its 6-bit twins run dequantized to bf16
+                far better than the 4/8 mix (BENCHMARKS.md, "6-bit twins"); the Triton kernels
+                read the 6-bit twins packed (kernels/tiles.py, HI_PLANE)
 
 A unit of choice is a fused weight (qkv, o, gate_up, down of one layer): its members share one
 format because the kernels read them as one matrix.

@@ -38,10 +38,16 @@ OPS = (
     "rms_norm+residual",
     "linear bf16",
     "linear w4",
+    "linear w6",
+    "linear w8",
     "gate_up_silu bf16",
     "gate_up_silu w4",
+    "gate_up_silu w6",
+    "gate_up_silu w8",
     "qkv_rope_store bf16",
     "qkv_rope_store w4",
+    "qkv_rope_store w6",
+    "qkv_rope_store w8",
     "paged_decode_attention",
     "prefill_attention",
     "sample",
@@ -111,7 +117,7 @@ def test_matrix_is_covered(report):
     ]
     assert not missing, "launches not compiled: " + ", ".join(missing)
     # the W4 and bf16 QKV kernels both with and without the row mask
-    for fmt in ("bf16", "w4"):
+    for fmt in ("bf16", "w4", "w6"):
         masks = {
             v["constexprs"]["HAS_ROW_MASK"]
             for v in doc["variants"]
@@ -130,7 +136,7 @@ def test_split_variants_are_the_launchers(report):
             by_op.setdefault(op, []).append(v["constexprs"])
     splits = {c["NUM_SPLITS"] for c in by_op["paged_decode_attention"]}
     assert 1 in splits and len(splits) >= 3, f"decode attention split counts: {sorted(splits)}"
-    for op in ("linear bf16", "linear w4", "gate_up_silu w4", "qkv_rope_store w4"):
+    for op in ("linear bf16", "linear w4", "linear w6", "gate_up_silu w4", "qkv_rope_store w4"):
         block_m = {c["BLOCK_M"] for c in by_op[op]}
         split_k = {c["SPLIT_K"] for c in by_op[op]}
         assert 1 in block_m and max(block_m) > 1, f"{op}: BLOCK_M took only {block_m}"

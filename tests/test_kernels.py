@@ -11,6 +11,7 @@ exports lazily, so importing the package or its reference does not count).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pathlib
@@ -28,7 +29,7 @@ if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from river.quantize import W4Weight  # noqa: E402
+from river.quantize import W4Weight, W6Weight  # noqa: E402
 from river.w8 import W8Weight  # noqa: E402
 
 
@@ -94,6 +95,13 @@ def make_w4(n, k, group, dtype, device=DEVICE):
     return W4Weight(q, scales, zeros, group)
 
 
+def make_w6(n, k, group, dtype, device=DEVICE):
+    q = torch.randint(0, 64, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // group) * 0.005 + 0.001).to(dtype)
+    zeros = (torch.rand(n, k // group) * 63).to(dtype)
+    return W6Weight.from_codes(q, scales, zeros, group).to(device)
+
+
 def make_w8(n, k, dtype, device=DEVICE):
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
     scales = (torch.rand(n, device=device) * 0.002 + 0.0005).to(dtype)
@@ -105,6 +113,8 @@ def make_weight(fmt, n, k, dtype):
         return (torch.randn(n, k, device=DEVICE) * k**-0.5).to(dtype)
     if fmt == "w8":
         return make_w8(n, k, dtype)
+    if fmt.startswith("w6"):
+        return make_w6(n, k, int(fmt[3:]), dtype)
     return make_w4(n, k, int(fmt[3:]), dtype)
 
 
@@ -153,6 +163,13 @@ LINEAR_CASES = [
     ("w8", 1, 24, 256, "none"),
     ("w8", 5, 40, 192, "all"),  # W8 tl.dot
     ("w8", 70, 16, 128, "some"),  # W8 never goes to cuBLAS
+    ("w6g64", 1, 40, 256, "none"),  # W6: the W4 GEMV plus the 2-bit plane
+    ("w6g64", 1, 40, 320, "some"),  # K not a multiple of BLOCK_K
+    ("w6g32", 1, 24, 192, "all"),
+    ("w6g128", 1, 50, 384, "empty"),
+    ("w6g64", 5, 40, 256, "some"),  # W6 tl.dot
+    ("w6g32", 17, 20, 320, "none"),  # tl.dot, K not a multiple of BLOCK_K
+    ("w6g64", 70, 16, 128, "some"),  # big bucket; W6 never goes to cuBLAS
 ]
 
 
@@ -179,7 +196,7 @@ def test_linear(fmt, m, n, k, mask_kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", ["w4g32", "w4g64", "w4g128", "w8", "dense"])
+@pytest.mark.parametrize("fmt", ["w4g32", "w4g64", "w4g128", "w6g64", "w8", "dense"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 12, 16, 24, 31, 32, 40, 48, 63, 64])
 def test_linear_m_sweep(m, fmt, dtype):
     """Every decode batch size 1..64 (each M bucket and its edges), every group size."""
@@ -203,6 +220,8 @@ GATE_UP_CASES = [
     ("dense", 70, 16, 64, "none"),
     ("w8", 1, 24, 192, "some"),
     ("w8", 9, 16, 128, "none"),
+    ("w6g64", 1, 24, 320, "some"),
+    ("w6g32", 9, 16, 128, "all"),
 ]
 
 
@@ -231,6 +250,8 @@ def test_gate_up_silu(fmt, m, inter, k, mask_kind, dtype):
         ("dense", 20, (32, 16, 32)),  # dense tl.dot
         ("w8", 1, (1, 16, 64)),  # W8 GEMV: split partials scaled before the sum
         ("w8", 20, (32, 16, 32)),  # W8 tl.dot
+        ("w6g64", 1, (1, 32, 256)),  # W6 GEMV: the prefetched high plane across splits
+        ("w6g32", 3, (16, 32, 64)),  # W6 tl.dot
     ],
 )
 @pytest.mark.parametrize("gate_up", [False, True])
@@ -264,6 +285,21 @@ def test_linear_strided_input_and_errors():
         LIN.linear(x, weight, row_mask=torch.ones(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError):
         LIN.linear(x, weight, out=torch.empty(3, 31, device=DEVICE, dtype=dtype))
+
+
+def test_w6_high_plane_alignment():
+    """The kernels read the 2-bit plane as int16 words: a plane whose rows are not 2-byte
+    aligned is refused with a clear error (never read misaligned)."""
+    dtype = DTYPES[0]
+    w = make_w6(8, 128, 64, dtype)
+    x = torch.randn(2, 128, device=DEVICE).to(dtype)
+    odd = torch.zeros(8, 33, dtype=torch.uint8, device=DEVICE)[:, 1:]  # row stride 33
+    odd.copy_(w.qweight_hi)
+    bad = dataclasses.replace(w, qweight_hi=odd)
+    assert torch.equal(bad.dequantize(), w.dequantize())  # the same weight, only misaligned
+    with pytest.raises(ValueError, match="2-byte aligned"):
+        LIN.linear(x, bad)
+    assert_close(LIN.linear(x, w), REF.linear(x.float(), dense32(w)), dtype)  # still usable
 
 
 def test_linear_settings_table():
@@ -320,6 +356,8 @@ QKV_CASES = [
     (6, 3, 3, 16, 128, 8, 3, "w4g128", "empty"),
     (1, 4, 2, 16, 128, 8, 4, "w8", "some"),  # W8 GEMV
     (18, 6, 2, 32, 64, 16, 4, "w8", "none"),  # W8 tl.dot
+    (1, 4, 2, 16, 320, 8, 4, "w6g64", "some"),  # W6 GEMV, K not a multiple of BLOCK_K
+    (9, 6, 2, 32, 128, 16, 4, "w6g32", "none"),  # W6 tl.dot
 ]
 
 
@@ -558,7 +596,7 @@ LLAMA8B_LINEARS = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 @gpu
 @pytest.mark.parametrize("n,k", LLAMA8B_LINEARS)
 @pytest.mark.parametrize("m", [1, 8, 32])
-@pytest.mark.parametrize("fmt", ["w4g64", "dense"])
+@pytest.mark.parametrize("fmt", ["w4g64", "w6g64", "dense"])
 def test_linear_llama8b_shapes(n, k, m, fmt):
     dtype = torch.bfloat16
     weight = make_weight(fmt, n, k, dtype)
