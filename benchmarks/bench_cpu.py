@@ -64,7 +64,7 @@ def parse_args(argv=None):
         "--river-precision",
         type=precision_spec,
         default=None,
-        help="twin precision: w4, w6, w8, mix:B or mix6:B (default: the engine's, mix:0.43)",
+        help="twin precision: w4, w6, w8, mix:B or mix6:B (default: the engine's, mix6:0.43)",
     )
     p.add_argument(
         "--compile",
