@@ -4,7 +4,7 @@ oracle, the bytes Pareto front as a plot, and free-running greedy pass@1 on Huma
 
     python benchmarks/bench_quality.py                          # HumanEval, all 164 problems
     python benchmarks/bench_quality.py --set prose --no-generate
-    python benchmarks/bench_quality.py --precisions w4,mix:0.4 --static-splits 2,4 \
+    python benchmarks/bench_quality.py --precisions w4,mix:0.4 --static-splits 2,4 \\
         --oracle-splits 0,1,2,3,4,6,8 --thresholds 0.96 --sweep-modes river
 
 Teacher-forced rows score prompt + continuation token by token through the decode path
