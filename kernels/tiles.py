@@ -211,10 +211,13 @@ def _w4_gemv_tile(
 
 
 @triton.jit
-def _w6_code(words, hwords, magic, FIELD: tl.constexpr):
-    """The 6-bit code q = nibble + 16 h of column k = 8 word + FIELD, exact in float32."""
-    hi = w2_field(hwords, magic, FIELD)  # h * 4^FIELD
-    return hi * (16.0 / (1 << (2 * FIELD))) + w4_nibble(words, magic, FIELD, True)
+def _dot_code(words, hwords, magic, FIELD: tl.constexpr, HI_PLANE: tl.constexpr):
+    """The code q of column k = 8 word + FIELD, exact in float32: the nibble, plus (HI_PLANE)
+    16 h from the 2-bit plane (one more exact FMA)."""
+    q = w4_nibble(words, magic, FIELD, True)
+    if HI_PLANE:
+        q += w2_field(hwords, magic, FIELD) * (16.0 / (1 << (2 * FIELD)))  # h 4^FIELD -> 16 h
+    return q
 
 
 @triton.jit
@@ -281,24 +284,14 @@ def _w4_dot_tile(
         s = s.to(tl.float32)
         zs = -z.to(tl.float32) * s
         dt = x.dtype
-        if HI_PLANE:
-            n0 = (_w6_code(words, hw, magic, 0) * s + zs).to(dt)
-            n1 = (_w6_code(words, hw, magic, 1) * s + zs).to(dt)
-            n2 = (_w6_code(words, hw, magic, 2) * s + zs).to(dt)
-            n3 = (_w6_code(words, hw, magic, 3) * s + zs).to(dt)
-            n4 = (_w6_code(words, hw, magic, 4) * s + zs).to(dt)
-            n5 = (_w6_code(words, hw, magic, 5) * s + zs).to(dt)
-            n6 = (_w6_code(words, hw, magic, 6) * s + zs).to(dt)
-            n7 = (_w6_code(words, hw, magic, 7) * s + zs).to(dt)
-        else:
-            n0 = (w4_nibble(words, magic, 0, True) * s + zs).to(dt)
-            n1 = (w4_nibble(words, magic, 1, True) * s + zs).to(dt)
-            n2 = (w4_nibble(words, magic, 2, True) * s + zs).to(dt)
-            n3 = (w4_nibble(words, magic, 3, True) * s + zs).to(dt)
-            n4 = (w4_nibble(words, magic, 4, True) * s + zs).to(dt)
-            n5 = (w4_nibble(words, magic, 5, True) * s + zs).to(dt)
-            n6 = (w4_nibble(words, magic, 6, True) * s + zs).to(dt)
-            n7 = (w4_nibble(words, magic, 7, True) * s + zs).to(dt)
+        n0 = (_dot_code(words, hw, magic, 0, HI_PLANE) * s + zs).to(dt)
+        n1 = (_dot_code(words, hw, magic, 1, HI_PLANE) * s + zs).to(dt)
+        n2 = (_dot_code(words, hw, magic, 2, HI_PLANE) * s + zs).to(dt)
+        n3 = (_dot_code(words, hw, magic, 3, HI_PLANE) * s + zs).to(dt)
+        n4 = (_dot_code(words, hw, magic, 4, HI_PLANE) * s + zs).to(dt)
+        n5 = (_dot_code(words, hw, magic, 5, HI_PLANE) * s + zs).to(dt)
+        n6 = (_dot_code(words, hw, magic, 6, HI_PLANE) * s + zs).to(dt)
+        n7 = (_dot_code(words, hw, magic, 7, HI_PLANE) * s + zs).to(dt)
         b0 = tl.join(tl.join(n0, n4), tl.join(n2, n6))  # [BN, BKW, i2, i1], i0 = 0
         b1 = tl.join(tl.join(n1, n5), tl.join(n3, n7))  # i0 = 1
         w = tl.reshape(tl.join(b0, b1), [BLOCK_N, BLOCK_K])  # k = 8 * word + 4 i2 + 2 i1 + i0
