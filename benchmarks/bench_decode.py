@@ -26,8 +26,10 @@ views of river's tensors), decode-only time per step = (t(2 + N new tokens) - t(
 
 tok_s = batch * steps / time; ms_per_token = time per decode step (each row gets one token).
 ideal_speedup = weight bytes read per step in `full` / in the mode, counting a layer's bf16
-weights when any row of the batch is in the backbone there and its 4-bit twin (0.5 byte per
-weight + bf16 scale and zero per group) when any row is in the river, plus the lm_head;
+weights when any row of the batch is in the backbone there and its twins when any row is in
+the river (the default model's at the engine's precision plan, e.g. 6- and 8-bit for the
+default `mix6:0.43`; the random models' all 4-bit: 0.5 byte per weight + bf16 scale and zero
+per group), plus the LM head (the river head's bytes for rows that left on the river path);
 ideal_speedup_kv also counts the K/V reads of attention. Results go to
 benchmarks/results/decode-<device>.json and a PNG beside it; a markdown table is printed.
 """
@@ -194,7 +196,9 @@ def record_histogram(args):
 
 
 def build_model(key, args, device, dtype, max_positions):
-    """(name, model, HF model dir or None, note) of one --models entry."""
+    """(name, model, HF model dir or None, note, (twin bits plan or None, river head bits)) of
+    one --models entry: the default model's twins follow the engine's precision plan, the
+    random models' are all 4-bit with the bf16 head."""
     from models import build_default, build_random
 
     if key == "default":
@@ -204,7 +208,7 @@ def build_model(key, args, device, dtype, max_positions):
     model, note = build_random(
         shape, device, dtype, max_positions, args.seed, args.group_size, method
     )
-    return name, model, None, note
+    return name, model, None, note, (None, 16)
 
 
 def bench_model(key, args, device, dtype, modes, hist, rows, save):
@@ -214,7 +218,9 @@ def bench_model(key, args, device, dtype, modes, hist, rows, save):
 
     hf_skip = {tuple(x.split(":")) for x in arguments.split(args.hf_skip)}
     max_positions = args.context + args.warmup + args.steps + max(args.hf_steps, 0) + 64
-    name, model, model_dir, note = build_model(key, args, device, dtype, max_positions)
+    name, model, model_dir, note, (plan, head_bits) = build_model(
+        key, args, device, dtype, max_positions
+    )
     cfg = model.cfg
     print(f"  {name}: {cfg.num_layers} layers, hidden {cfg.hidden_size} ({note})", flush=True)
     bench = DecodeBench(model, args, device)
@@ -227,13 +233,14 @@ def bench_model(key, args, device, dtype, modes, hist, rows, save):
     group = getattr(model.river[0].qkv, "group_size", args.group_size)
     for batch in args.batches:
         full_w, full_kv = bytes_per_step(cfg, "full", batch, probs, args.context, group)
+        planned = {"bits": plan, "head_bits": head_bits}
         full_tok = None
         for mode in modes:
             secs, layers = bench.time_mode(mode, batch, hist)
             tok_s = batch * args.steps / secs
             if mode == "full":
                 full_tok = tok_s
-            w, kvb = bytes_per_step(cfg, mode, batch, probs, args.context, group)
+            w, kvb = bytes_per_step(cfg, mode, batch, probs, args.context, group, **planned)
             rows.append(
                 {
                     "model": name,

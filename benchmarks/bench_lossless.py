@@ -34,7 +34,7 @@ import time
 
 import arguments
 from common import device_slug, plot_path, result_path, run_metadata, write_json
-from decode_cost import layer_bytes
+from decode_cost import layer_bytes, twin_layer_bytes
 from prompts import prompts as named_prompts
 from shapes import LLAMA_3_1_8B, Shape
 
@@ -68,18 +68,23 @@ def parse_args(argv=None):
     return args
 
 
-def draft_bytes_ratio(cfg, group_size, depth_fraction, w4_head=False):
-    """(B_draft / B_full) of a draft token that runs depth_fraction of the layers in bf16, its
-    logits from the bf16 LM head or (w4_head) from its 4-bit twin."""
-    bf16, w4, _, head = layer_bytes(cfg, group_size)
+def draft_bytes_ratio(cfg, group_size, depth_fraction, w4_head=False, bits=None):
+    """(B_draft / B_full) of a draft token that runs depth_fraction of the layers in bf16 and
+    the rest in twins planned by `bits` (Engine.river_bits; None: all 4-bit), its logits from
+    the bf16 LM head or (w4_head) from its 4-bit twin."""
+    bf16, _, _, head = layer_bytes(cfg, group_size)
+    twins = twin_layer_bytes(cfg, bits, group_size)
     layers = cfg.num_layers
     bb = depth_fraction * layers
+    whole = min(int(bb), layers)  # the boundary layer counts by its bf16 fraction
+    twin = sum(twins[whole:]) - (bb - whole) * (twins[whole] if whole < layers else 0.0)
     draft_head = head / 4 + 4 * head / 2 / group_size if w4_head else head
-    return (draft_head + bb * bf16 + (layers - bb) * w4) / (head + layers * bf16)
+    return (draft_head + bb * bf16 + twin) / (head + layers * bf16)
 
 
-def ideal_speedup(emitted, verify_passes, drafted, depth_fraction, cfg, group_size, w4_head):
-    r = draft_bytes_ratio(cfg, group_size, depth_fraction, w4_head)
+def ideal_speedup(emitted, verify_passes, drafted, depth_fraction, cfg, group_size, w4_head,
+                  bits=None):  # fmt: skip
+    r = draft_bytes_ratio(cfg, group_size, depth_fraction, w4_head, bits)
     return emitted / (verify_passes + drafted * r)
 
 
@@ -194,6 +199,7 @@ def main(argv=None):
             ),
         )
         engine.ensure_river()
+        bits = engine.river_bits  # the drafts' twins: the engine's precision plan
         meta = meta or run_metadata(str(engine.device))
         cfg = engine.model_config
         small = Shape(
@@ -231,13 +237,14 @@ def main(argv=None):
                     "draft_backbone_layers": depth,
                     "draft_head": args.draft_head,
                     "ideal_speedup": ideal_speedup(
-                        emitted, passes, drafted, frac, small, args.group_size, w4_head
+                        emitted, passes, drafted, frac, small, args.group_size, w4_head, bits
                     ),
                     "ideal_speedup_8b": ideal_speedup(
-                        emitted, passes, drafted, frac, LLAMA_3_1_8B, args.group_size, w4_head
+                        emitted, passes, drafted, frac, LLAMA_3_1_8B, args.group_size, w4_head,
+                        bits,
                     ),
                     "draft_bytes_ratio_8b": draft_bytes_ratio(
-                        LLAMA_3_1_8B, args.group_size, frac, w4_head
+                        LLAMA_3_1_8B, args.group_size, frac, w4_head, bits
                     ),
                     "tokens": sum(len(o.token_ids) for o in outs), "seconds": round(secs, 2),
                 }  # fmt: skip

@@ -25,15 +25,43 @@ def layer_bytes(cfg, group_size):
     return bf16, w4, qkv, weight_bytes(cfg.vocab_size, cfg.hidden_size, 16)
 
 
-def bytes_per_step(cfg, mode, batch, probs, context, group_size):
+def twin_layer_bytes(cfg, bits, group_size):
+    """The river twins' bytes at each of cfg's layers: every twin 4-bit when `bits` is None
+    (the random models' twins), else the plan {(layer, unit): bits} (Engine.river_bits) of a
+    model of L layers mapped onto cfg's layers proportionally."""
+    from river.precision import UNITS, unit_shapes, weight_bytes
+
+    shapes = unit_shapes(cfg)
+    if bits is None:
+        return [sum(weight_bytes(*shapes[u], 4, group_size) for u in UNITS)] * cfg.num_layers
+    src = 1 + max(n for n, _ in bits)
+    return [
+        sum(weight_bytes(*shapes[u], bits[(n * src // cfg.num_layers, u)], group_size)
+            for u in UNITS)
+        for n in range(cfg.num_layers)
+    ]  # fmt: skip
+
+
+def bytes_per_step(cfg, mode, batch, probs, context, group_size, bits=None, head_bits=16):
     """(weight bytes, KV bytes) read by one decode step of `batch` rows (expected values when
-    the rows' exit depths are random: a weight set is read at a layer if any row needs it)."""
+    the rows' exit depths are random: a weight set is read at a layer if any row needs it).
+    The twins are planned by `bits` (twin_layer_bytes); a row that left the backbone on the
+    river path (modes w4 and river) takes its logits from the `head_bits` river head, the
+    others from the bf16 head (river.model.LlamaModel.decode)."""
+    from river.precision import weight_bytes
+
     h, d = cfg.hidden_size, cfg.head_dim
-    bf16, w4, qkv, lm_head = layer_bytes(cfg, group_size)
-    head = lm_head + 2 * batch * h  # lm_head + the embedding rows
+    bf16, _, qkv, lm_head = layer_bytes(cfg, group_size)
+    twins = twin_layer_bytes(cfg, bits, group_size)
     kv_row = 2 * 2 * cfg.num_kv_heads * d * (context + 1)  # K and V of one row at one layer
     base = "full" if mode == "full-shared" else mode
-    weights, kv = head, 0.0
+    p_left = {"full": 0.0, "w4": 1.0}.get(base, 1.0 - probs[cfg.num_layers])
+    if base in ("w4", "river") and head_bits != 16:
+        river_head = weight_bytes(cfg.vocab_size, h, head_bits)
+        head = (1 - p_left**batch) * lm_head + (1 - (1 - p_left) ** batch) * river_head
+    else:
+        head = lm_head
+    weights, kv = head + 2 * batch * h, 0.0  # + the embedding rows
     for n in range(cfg.num_layers):
         p_out = sum(probs[: n + 1])  # P(row has left the backbone before layer n)
         if base == "full":
@@ -43,7 +71,7 @@ def bytes_per_step(cfg, mode, batch, probs, context, group_size):
         any_bb = 1.0 - p_out**batch
         any_out = 1.0 - (1.0 - p_out) ** batch
         if base in ("full", "w4", "river"):
-            weights += any_bb * bf16 + any_out * w4
+            weights += any_bb * bf16 + any_out * twins[n]
             kv += batch * kv_row  # every row attends at every layer
         elif base == "propagate":
             # the exited rows' K/V come from the fused bf16 qkv weight: read whenever any row

@@ -112,7 +112,8 @@ def build_random(shape: Shape, device, dtype, max_positions, seed, group_size, m
 
 
 def build_default(model_dir, device, max_positions):
-    """(name, model, model dir, note): the default model (or `model_dir`) through an Engine."""
+    """(name, model, model dir, note, (twin bits plan, river head bits)): the default model (or
+    `model_dir`) through an Engine, its twins at the engine's default precision."""
     from river import Engine, EngineConfig
 
     # Random-token twins: decode speed depends on the twins' bytes, not on how their error was
@@ -127,7 +128,9 @@ def build_default(model_dir, device, max_positions):
     )  # fmt: skip
     engine.ensure_river(progress=True)
     name = engine.model_dir.name
-    return name, engine.model, engine.model_dir, f"real weights, river {engine.config.river_method}"
+    note = f"real weights, river {engine.config.river_method} {engine.config.river_precision}"
+    plan = (engine.river_bits, engine.river_head_bits or 16)
+    return name, engine.model, engine.model_dir, note, plan
 
 
 def hf_config_for(model, model_dir):

@@ -19,6 +19,21 @@ def test_draft_bytes_ratio_at_8b():
     assert half == pytest.approx((1 + r_w4) / 2, rel=1e-6)
 
 
+def test_draft_bytes_ratio_follows_the_plan():
+    """Drafts read the engine's twins: a plan of a 30-layer model maps onto 8B's 32 layers."""
+    from river.precision import UNITS
+
+    cfg = shapes.LLAMA_3_1_8B
+    w4 = {(n, u): 4 for n in range(30) for u in UNITS}
+    w8 = {(n, u): 8 for n in range(30) for u in UNITS}
+    r_w4 = bench.draft_bytes_ratio(cfg, 64, 0.0)
+    assert bench.draft_bytes_ratio(cfg, 64, 0.0, bits=w4) == pytest.approx(r_w4)
+    r_w8 = bench.draft_bytes_ratio(cfg, 64, 0.0, bits=w8)
+    assert 0.5 < r_w8 < 0.56  # 8-bit layers ~0.5x, the bf16 head lifts them
+    assert bench.draft_bytes_ratio(cfg, 64, 1.0, bits=w8) == pytest.approx(1.0)
+    assert bench.draft_bytes_ratio(cfg, 64, 0.5, bits=w8) == pytest.approx((1 + r_w8) / 2)
+
+
 def test_ideal_speedup():
     cfg = shapes.LLAMA_3_1_8B
     # no drafts: one token per verify pass, the cost of full

@@ -93,6 +93,33 @@ def test_token_bytes_ratio():
     )
 
 
+def test_bytes_per_step_follows_the_plan():
+    """bench_decode's ideal speedup reads the twins at the engine's plan and the river head for
+    rows that left: at batch 1 it agrees with bench_quality's per-token byte count."""
+    from decode_cost import bytes_per_step, exit_distribution, token_bytes_ratio
+
+    from river.precision import UNITS
+
+    cfg = _cfg()
+    mixed = {(n, u): (8 if (n + len(u)) % 3 == 0 else 6) for n in range(30) for u in UNITS}
+    w4 = {(n, u): 4 for n in range(30) for u in UNITS}
+    for k in (1, 4):
+        probs = exit_distribution(30, k, None)
+        full, _ = bytes_per_step(cfg, "full", 1, probs, 100, 64)
+        for plan, head_bits in ((mixed, 8), (w4, 16), (mixed, 16)):
+            river, _ = bytes_per_step(cfg, "river", 1, probs, 100, 64, plan, head_bits)
+            want = token_bytes_ratio(cfg, plan, [k], 64, head_bits)
+            assert river / full == pytest.approx(want, rel=2e-3)  # norms and embedding rows
+    # no plan: every twin 4-bit, as before
+    probs = exit_distribution(30, 1, None)
+    none, _ = bytes_per_step(cfg, "river", 1, probs, 100, 64)
+    assert none == pytest.approx(bytes_per_step(cfg, "river", 1, probs, 100, 64, w4)[0])
+    # a 6/8 plan reads more than 4-bit twins; the 8-bit river head less than the bf16 one
+    assert bytes_per_step(cfg, "river", 1, probs, 100, 64, mixed)[0] > none
+    assert (bytes_per_step(cfg, "w4", 8, probs, 100, 64, mixed, 8)[0]
+            < bytes_per_step(cfg, "w4", 8, probs, 100, 64, mixed, 16)[0])  # fmt: skip
+
+
 def test_oracle_curve_picks_the_shallowest_matching_split():
     import front
     import torch

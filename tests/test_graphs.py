@@ -450,11 +450,26 @@ def gpu_model(ckpt):
     return model, kv, tables
 
 
+def with_w6_twins(ckpt):
+    """The checkpoint with 6-bit twins (RTN) in place of its 4-bit ones."""
+    from river.quantize import quantize_w6
+
+    mc, weights, quant = ckpt
+    q6 = {}
+    for name in quant:
+        _, n, proj = name.split(".")
+        q6[name] = quantize_w6(weights["layers"][int(n)][proj], group_size=64, method="rtn")
+    return mc, weights, q6
+
+
 @cuda
-def test_graph_replay_equals_eager_every_bucket(gpu_ckpt):
+@pytest.mark.parametrize("twins", ["w4", "w6"])
+def test_graph_replay_equals_eager_every_bucket(gpu_ckpt, twins):
     """For every bucket, full and padded: the replay is bitwise the padded eager step (same
-    kernels, same shapes), and close to plain model.decode, with exits of every mode."""
-    model, kv, tables = gpu_model(gpu_ckpt)
+    kernels, same shapes), and close to plain model.decode, with exits of every mode; with
+    4-bit and with 6-bit twins (the W6 kernels captured)."""
+    model, kv, tables = gpu_model(gpu_ckpt if twins == "w4" else with_w6_twins(gpu_ckpt))
+    assert model.river[0].qkv.bits == int(twins[1])  # the packed twin reaches the kernels
     kv_pad, kv_plain = clone_kv(kv), clone_kv(kv)
     graphs = DecodeGraphRunner(model, kv, 8, MAX_BLOCKS)
     assert graphs.use_graphs and graphs.include_river
