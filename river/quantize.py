@@ -48,8 +48,39 @@ _CHUNK_ELEMS = 1 << 18
 _MIN_IMPORTANCE = 1e-3
 
 
+class _GroupedTwin:
+    """What the 4- and 6-bit twins share: their uint8 code planes (`_PLANES`, moved but never
+    cast) beside per-group scales and zeros."""
+
+    _PLANES: tuple[str, ...] = ("qweight",)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], 2 * self.qweight.shape[1]
+
+    def to(self, device=None, dtype=None):
+        """Move to `device`; `dtype` applies to scales/zeros only (the planes stay uint8)."""
+        return replace(
+            self,
+            **{p: getattr(self, p).to(device=device) for p in self._PLANES},
+            scales=self.scales.to(device=device, dtype=dtype),
+            zeros=self.zeros.to(device=device, dtype=dtype),
+        )
+
+    @classmethod
+    def cat(cls, ws):
+        """Row-wise concatenation (the fused qkv and gate_up weights); one group size."""
+        if len({w.group_size for w in ws}) != 1:
+            raise ValueError(f"{cls.__name__}.cat: the weights have different group sizes")
+        fields = cls._PLANES + ("scales", "zeros")
+        return cls(
+            **{f: torch.cat([getattr(w, f) for w in ws]) for f in fields},
+            group_size=ws[0].group_size,
+        )
+
+
 @dataclass(frozen=True)
-class W4Weight:
+class W4Weight(_GroupedTwin):
     """A 4-bit group-quantized linear weight W [N, K]; see the module docstring for the format."""
 
     qweight: torch.Tensor  # uint8 [N, K // 2], low nibble = even column
@@ -65,31 +96,6 @@ class W4Weight:
         if self.qweight.dtype != torch.uint8:
             raise ValueError(f"W4Weight.qweight must be uint8, got {self.qweight.dtype}")
         _check_groups(self, n, k)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], 2 * self.qweight.shape[1]
-
-    def to(self, device=None, dtype=None) -> W4Weight:
-        """Move to `device`; `dtype` applies to scales/zeros only (qweight stays uint8)."""
-        return replace(
-            self,
-            qweight=self.qweight.to(device=device),
-            scales=self.scales.to(device=device, dtype=dtype),
-            zeros=self.zeros.to(device=device, dtype=dtype),
-        )
-
-    @staticmethod
-    def cat(ws) -> W4Weight:
-        """Row-wise concatenation (the fused qkv and gate_up weights); one group size."""
-        if len({w.group_size for w in ws}) != 1:
-            raise ValueError("W4Weight.cat: the weights have different group sizes")
-        return W4Weight(
-            qweight=torch.cat([w.qweight for w in ws]),
-            scales=torch.cat([w.scales for w in ws]),
-            zeros=torch.cat([w.zeros for w in ws]),
-            group_size=ws[0].group_size,
-        )
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """W [N, K] in `dtype`, computed in float32 from the stored (possibly bf16) scales."""
@@ -120,7 +126,7 @@ def _dequantize_groups(q, w, dtype):
 
 
 @dataclass(frozen=True)
-class W6Weight:
+class W6Weight(_GroupedTwin):
     """A 6-bit group-quantized linear weight W [N, K]: the 4-bit layout's low plane plus a
     2-bit high plane (see the module docstring)."""
 
@@ -131,6 +137,7 @@ class W6Weight:
     group_size: int
 
     bits = 6
+    _PLANES = ("qweight", "qweight_hi")
 
     def __post_init__(self):
         n, half_k = self.qweight.shape
@@ -143,30 +150,6 @@ class W6Weight:
                 f"{(n, k // 4)} for W [{n}, {k}] (K a multiple of 4)"
             )
         _check_groups(self, n, k)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], 2 * self.qweight.shape[1]
-
-    def to(self, device=None, dtype=None) -> W6Weight:
-        """Move to `device`; `dtype` applies to scales/zeros only (the planes stay uint8)."""
-        return replace(
-            self,
-            qweight=self.qweight.to(device=device),
-            qweight_hi=self.qweight_hi.to(device=device),
-            scales=self.scales.to(device=device, dtype=dtype),
-            zeros=self.zeros.to(device=device, dtype=dtype),
-        )
-
-    @staticmethod
-    def cat(ws) -> W6Weight:
-        """Row-wise concatenation (the fused qkv and gate_up weights); one group size."""
-        if len({w.group_size for w in ws}) != 1:
-            raise ValueError("W6Weight.cat: the weights have different group sizes")
-        return W6Weight(
-            *(torch.cat([getattr(w, f) for w in ws]) for f in _W6_TENSORS),
-            group_size=ws[0].group_size,
-        )
 
     def codes(self) -> torch.Tensor:
         """q uint8 [N, K] in 0..63."""
@@ -183,9 +166,6 @@ class W6Weight:
             raise ValueError("W6Weight.from_codes: values must lie in 0..63")
         q = q.to(torch.uint8)
         return cls(pack_int4(q & 15), pack_int2(q >> 4), scales, zeros, group_size)
-
-
-_W6_TENSORS = ("qweight", "qweight_hi", "scales", "zeros")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
