@@ -142,3 +142,17 @@ def tiny_text_model(path, src_dir, *, hidden, inter, layers, heads, kv_heads, vo
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src_dir / f, path / f)
     return path
+
+
+def run_modes(engine, modes, prompts, max_tokens=32):
+    """{mode name: (token ids per prompt, backbone layers per prompt)}: greedy generation of
+    every prompt under each ExitConfig of `modes` ({name: ExitConfig})."""
+    from river import SamplingParams
+
+    out = {}
+    for name, exit_cfg in modes.items():
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                exit=exit_cfg)  # fmt: skip
+        res = engine.generate(prompts, params)
+        out[name] = ([o.token_ids for o in res], [o.backbone_layers for o in res])
+    return out

@@ -3,7 +3,9 @@ an engine sharded over 2 and 3 gloo ranks on the CPU generates what one rank gen
 
 The multi-process tests build one sharded engine per world size (module-scoped: ranks are
 started once) on a 3-layer random model with 12 query and 6 KV heads; the default model at TP 3
-(9 query, 3 KV heads) is in the slow suite.
+(9 query, 3 KV heads) is in the slow suite, in its own module
+(test_parallel_default_model.py): this one's TP engines live as long as the module, and a
+process runs one tensor-parallel engine at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_modes
 
 from river import Engine, EngineConfig, SamplingParams
 from river.config import PROJECTIONS, ModelConfig
@@ -216,20 +219,10 @@ def tp_dir(tmp_path_factory, default_model_dir):
     return _tiny_tp_model(tmp_path_factory.mktemp("tiny_tp"), default_model_dir)
 
 
-def _run(engine, modes=MODES, prompts=PROMPTS, max_tokens=32):
-    out = {}
-    for name, exit_cfg in modes.items():
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                exit=exit_cfg)  # fmt: skip
-        res = engine.generate(prompts, params)
-        out[name] = ([o.token_ids for o in res], [o.backbone_layers for o in res])
-    return out
-
-
 @pytest.fixture(scope="module")
 def one_rank(tp_dir):
     engine = Engine(str(tp_dir), **ENGINE)
-    return engine, _run(engine)
+    return engine, run_modes(engine, MODES, PROMPTS)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
@@ -238,7 +231,7 @@ def sharded(request, tp_dir, one_rank):
     engine.runner.record_exits()
     engine.model.trace_residual()
     try:
-        yield engine, _run(engine)
+        yield engine, run_modes(engine, MODES, PROMPTS)
     finally:
         engine.close()
 
@@ -291,30 +284,8 @@ def test_sharded_engine_stays_usable_after_bad_input(sharded):
         engine.generate([[10**9]], SamplingParams(max_tokens=4))
     with pytest.raises(InvalidRequestError):
         engine.generate([""], SamplingParams(max_tokens=4))
-    out = _run(engine, {"full": MODES["full"]}, PROMPTS[:2])
+    out = run_modes(engine, {"full": MODES["full"]}, PROMPTS[:2])
     assert out["full"][0] == got["full"][0][:2]
-
-
-@pytest.mark.slow
-def test_default_model_tp3_equals_one_rank(default_model_dir):
-    """The default model (9 query, 3 KV heads) at TP 3, fp32: full, w4, river and lossless
-    give one rank's tokens and backbone layers over 5 prompts x 32 tokens; every rank decides
-    the same exits."""
-    prompts = ["def fib(n):", "The capital of France is", "import numpy as np\n",
-               "Once upon a time", "SELECT name FROM"]  # fmt: skip
-    modes = {k: MODES[k] for k in ("full", "w4", "river", "lossless")}
-    # 4-bit twins: the mixed precision's sensitivity pass would cost ~100 s here, and the 8-bit
-    # shards are covered on the small model above
-    kw = dict(device="cpu", dtype=torch.float32, max_num_seqs=8, kv_cache_tokens=4096,
-              river_precision="w4")  # fmt: skip
-    ref = _run(Engine(str(default_model_dir), **kw), modes, prompts)
-    with Engine(str(default_model_dir), tensor_parallel_size=3, **kw) as engine:
-        engine.runner.record_exits()
-        got = _run(engine, modes, prompts)
-        logs = engine.tp.collect("runner", "exit_log")
-    for mode in modes:
-        assert got[mode] == ref[mode], mode
-    assert logs[1] == logs[0] and logs[2] == logs[0]
 
 
 @pytest.mark.slow
@@ -351,7 +322,7 @@ def test_sharded_engine_switches_twin_precision(one_rank, sharded):
         for e in (ref, engine):
             e.set_river_precision("w4")
         modes = {"w4": MODES["w4"], "river": MODES["river"]}
-        assert _run(engine, modes, PROMPTS[:3], 16) == _run(ref, modes, PROMPTS[:3], 16)
+        assert run_modes(engine, modes, PROMPTS[:3], 16) == run_modes(ref, modes, PROMPTS[:3], 16)
         assert engine.river_head_bits == 16 and engine.model.river_head is None
     finally:
         for e in (ref, engine):
