@@ -349,15 +349,21 @@ def sweep_linear(sweep):
     """Try launch settings per (format, shape, M): the best beside linear_settings' choice."""
     lines = []
     for n, k in LINEAR_SHAPES:
-        w4 = make_w4(n, k)
-        dense = torch.randn(n, k, device=DEVICE).to(DTYPE)
+        formats = {
+            "w4": make_w4(n, k),
+            "w6": make_w6(n, k),
+            "dense": torch.randn(n, k, device=DEVICE).to(DTYPE),
+        }
         for m in MS:
             x = torch.randn(m, k, device=DEVICE).to(DTYPE)
             out = torch.empty(m, n, device=DEVICE, dtype=DTYPE)
-            for fmt, weight in (("w4", w4), ("dense", dense)):
+            for fmt, weight in formats.items():
                 bm = 1 if m == 1 else SETTINGS.m_bucket(m)
-                bks = ([256, 512] if fmt == "w4" else [128, 256]) if bm == 1 else [64, 128]
-                chosen = SETTINGS.linear_settings(n, k, m, fmt == "w4", 64, num_sms())
+                # the W6 GEMV's plane words spill past a 256-column K step (matmul_settings)
+                gemv_bks = {"w4": [256, 512], "w6": [128, 256], "dense": [128, 256]}[fmt]
+                bks = gemv_bks if bm == 1 else [64, 128]
+                packed = fmt != "dense"
+                chosen = SETTINGS.linear_settings(n, k, m, packed, 64, num_sms(), fmt == "w6")
                 tried = {chosen}
                 for bn in (16, 32, 64, 128):
                     for bk in bks:

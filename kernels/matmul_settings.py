@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import triton
 
-from .splitk import MAX_SPLIT_K, pick_split
+from .splitk import MAX_SPLIT_K, pick_split, weight_byte_rate
 
 __all__ = ["LaunchSettings", "linear_settings", "m_bucket"]
 
@@ -46,10 +46,10 @@ _HBM_BW = 3.0e12
 _L2_BW = 7.0e12
 
 
-def _dot_path_cost(n, k, m, block_m, block_n, split, use_w4, group_size):
+def _dot_path_cost(n, k, m, block_m, block_n, split, use_w4, group_size, hi_plane=False):
     """Estimated seconds of the tl.dot path: every weight byte comes from HBM once; every
     program re-reads its rows of x (from L2) and the split-K partials go through L2."""
-    weight = n * k * ((0.5 + 4 / group_size) if use_w4 else 2)
+    weight = n * k * weight_byte_rate(use_w4, group_size, hi_plane)
     x_reads = triton.cdiv(n, block_n) * m * k * 2
     partials = 8 * split * n * m if split > 1 else 0
     return max(weight / _HBM_BW, (weight + x_reads + partials) / _L2_BW)
@@ -100,7 +100,7 @@ def linear_settings(
         split = 1
         while True:
             programs = tiles * split
-            cost = _dot_path_cost(n, k, m, block_m, block_n, split, use_w4, group_size)
+            cost = _dot_path_cost(n, k, m, block_m, block_n, split, use_w4, group_size, hi_plane)
             enough = programs >= 2 * num_sms
             # rank: enough programs first, then the estimate, then fewer splits
             rank = (not enough, cost if enough else -programs, split)

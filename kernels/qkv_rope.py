@@ -214,7 +214,7 @@ def _qkv_settings(m, k, half, heads, use_w4, group, num_sms, hi_plane=False):
     if not use_w4:
         block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     tiles = heads * triton.cdiv(m, block_m)
-    cap = split_traffic_cap(k, min(m, block_m), use_w4, group)
+    cap = split_traffic_cap(k, min(m, block_m), use_w4, group, hi_plane)
     split = pick_split(triton.cdiv(k, block_k), tiles, num_sms, cap)
     return block_m, block_n, block_k, split, warps
 

@@ -20,6 +20,7 @@ __all__ = [
     "sum_partials",
     "pick_split",
     "split_traffic_cap",
+    "weight_byte_rate",
     "MAX_SPLIT_K",
     "workspace",
     "workspace_tensors",
@@ -112,12 +113,21 @@ def pick_split(k_steps: int, tiles: int, num_sms: int, max_split: int = MAX_SPLI
     return split
 
 
-def split_traffic_cap(k: int, m_rows: int, use_w4: bool, group_size: int) -> int:
+def weight_byte_rate(use_w4: bool, group_size: int, hi_plane: bool = False) -> float:
+    """Bytes a kernel reads per weight element: bf16 2; W4 the nibble plus its group's bf16
+    scale and zero (0.5 + 4 / G); W6 (use_w4 with the 2-bit plane) 0.75 + 4 / G."""
+    if not use_w4:
+        return 2.0
+    return (0.75 if hi_plane else 0.5) + 4 / group_size
+
+
+def split_traffic_cap(
+    k: int, m_rows: int, use_w4: bool, group_size: int, hi_plane: bool = False
+) -> int:
     """Most splits whose float32 partials (written once, read once: 8 bytes per row and column
-    per split) stay within _PARTIAL_TRAFFIC of the weight bytes (per column: K x 0.5 + the
-    group's bf16 scale and zero for W4, K x 2 for bf16). Used where the tile is fixed (the
-    qkv kernel's half-head tiles)."""
-    weight_bytes = k * (0.5 + 4 / group_size) if use_w4 else 2 * k
+    per split) stay within _PARTIAL_TRAFFIC of the weight bytes (per column: K x
+    weight_byte_rate). Used where the tile is fixed (the qkv kernel's half-head tiles)."""
+    weight_bytes = k * weight_byte_rate(use_w4, group_size, hi_plane)
     return max(1, int(_PARTIAL_TRAFFIC * weight_bytes / (8 * m_rows)))
 
 

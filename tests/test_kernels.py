@@ -306,13 +306,26 @@ def test_linear_settings_table():
     """The heuristic gives >= ~4 programs per SM on the 8B decode shapes and valid blocks."""
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096)):
         for m in (1, 8, 32, 64):
-            for w4 in (True, False):
-                cfg = SETTINGS.linear_settings(n, k, m, w4, 64, 132)
+            for w4, hi in ((True, False), (True, True), (False, False)):  # W4, W6, bf16
+                cfg = SETTINGS.linear_settings(n, k, m, w4, 64, 132, hi)
                 assert k % cfg.block_k == 0
                 if w4 and cfg.block_m == 1:
                     assert cfg.block_k % 64 == 0
+                    # the W6 GEMV's K step stays at 128 (its plane words spill at 256, sm_90)
+                    assert not hi or cfg.block_k == 128
                 programs = cfg.split_k * -(-n // cfg.block_n) * -(-m // cfg.block_m)
                 assert programs >= 2 * 132 or cfg.split_k == SPLITK.MAX_SPLIT_K
+
+
+@pytest.mark.parametrize("bits,group", [(16, 64), (4, 32), (4, 64), (6, 64), (6, 128)])
+def test_launch_cost_model_counts_the_bytes_the_quality_front_counts(bits, group):
+    """The launch heuristics' bytes per weight (kernels.splitk.weight_byte_rate) are the ones
+    river.precision.weight_bytes charges a decode token for, 6-bit twins included."""
+    from river.precision import weight_bytes
+
+    n, k = 96, 512
+    rate = SPLITK.weight_byte_rate(bits != 16, group, bits == 6)
+    assert rate * n * k == weight_bytes(n, k, bits, group)
 
 
 # ----------------------------------------------------------------------------- rms_norm
