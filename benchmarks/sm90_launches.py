@@ -13,6 +13,7 @@ MODELS = {"smollm2-135m": SMOLLM2_135M, "llama-3.1-8b": LLAMA_3_1_8B}
 BATCHES = (1, 8, 32, 64)
 BLOCK_SIZE = 16  # EngineConfig.block_size
 GROUP = 64  # EngineConfig.river_group_size
+OTHER_GROUPS = (32, 128)  # also compiled, at the 8B shapes and the first two batches
 EAGER_CONTEXT = 256  # a short eager decode: the block table only as wide as the longest row
 PREFILL_TOKENS = 512
 
@@ -43,17 +44,13 @@ def _model_launches(name, s: Shape, batches):
     q_dim = s.num_heads * s.head_dim
     qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
 
-    def w4(n, k):
+    def w4(n, k, g=GROUP):
         q = empty(n, k // 2, dtype=torch.uint8)
-        return W4Weight(
-            q, empty(n, k // GROUP, dtype=bf16), empty(n, k // GROUP, dtype=bf16), GROUP
-        )
+        return W4Weight(q, empty(n, k // g, dtype=bf16), empty(n, k // g, dtype=bf16), g)
 
-    def w6(n, k):
+    def w6(n, k, g=GROUP):
         q, hi = empty(n, k // 2, dtype=torch.uint8), empty(n, k // 4, dtype=torch.uint8)
-        return W6Weight(
-            q, hi, empty(n, k // GROUP, dtype=bf16), empty(n, k // GROUP, dtype=bf16), GROUP
-        )
+        return W6Weight(q, hi, empty(n, k // g, dtype=bf16), empty(n, k // g, dtype=bf16), g)
 
     h, i = s.hidden_size, s.intermediate_size
     shapes = {"qkv": (qkv_rows, h), "o": (h, q_dim), "gate_up": (2 * i, h), "down": (h, i)}
@@ -148,4 +145,17 @@ def _model_launches(name, s: Shape, batches):
     xp = empty(PREFILL_TOKENS, h, dtype=bf16)
     qp = empty(PREFILL_TOKENS, s.num_heads, s.head_dim, dtype=bf16)
     add("qkv_rope_store bf16", PREFILL_TOKENS, "prefill", qkv(xp, weights["bf16"]["qkv"], None, qp))
+    # the other river_group_size values a user may set (the GEMV's K step follows the group)
+    for g in OTHER_GROUPS if name == "llama-3.1-8b" else ():
+        for b in batches[:2]:
+            x, mask = empty(b, h, dtype=bf16), empty(b, dtype=torch.bool)
+            q = empty(b, s.num_heads, s.head_dim, dtype=bf16)
+            for fmt, make in (("w4", w4), ("w6", w6)):
+                what = f"group {g}"
+                add(f"qkv_rope_store {fmt}", b, what, qkv(x, make(*shapes["qkv"], g), mask, q))
+                act, h_out = empty(b, i, dtype=bf16), empty(b, h, dtype=bf16)
+                down = make(*shapes["down"], g)
+                add(f"linear {fmt}", b, what, proj(K.linear, act, down, mask, h_out))
+                gate_up = make(*shapes["gate_up"], g)
+                add(f"gate_up_silu {fmt}", b, what, proj(K.gate_up_silu, x, gate_up, mask, act))
     return out

@@ -126,6 +126,15 @@ def test_matrix_is_covered(report):
         assert masks == {True, False}, f"qkv_rope_store {fmt}: HAS_ROW_MASK took only {masks}"
 
 
+def test_every_group_size_compiles(report):
+    """The packed twins at river_group_size 32, 64 and 128 (the GEMV's K step follows the
+    group, so each is its own variant), 4- and 6-bit."""
+    _, doc = report
+    for op in ("linear w4", "linear w6", "gate_up_silu w6", "qkv_rope_store w6"):
+        groups = {v["constexprs"]["GROUP"] for v in doc["variants"] if op in v["ops"]}
+        assert groups == {32, 64, 128}, f"{op}: GROUP took only {sorted(groups)}"
+
+
 def test_split_variants_are_the_launchers(report):
     """The split-K paths (partials + last-arriving merge) are among what compiled: the
     launchers pick several split counts across these shapes, and both projection paths."""
