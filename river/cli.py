@@ -276,12 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--top-k",
-        type=_bounded(int, 0, what="an integer >= 0"),
+        type=_bounded(int, 0, 2**31 - 1, what="an integer in [0, 2**31 - 1]"),
         default=0,
         help="top-k sampling; 0 = off (default)",
     )
     g.add_argument(
-        "--seed", type=_bounded(int, 0, what="an integer >= 0"), default=None, help="sampling seed"
+        "--seed",
+        type=_bounded(int, 0, 2**63 - 1, what="an integer in [0, 2**63 - 1]"),
+        default=None,
+        help="sampling seed",
     )
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import random
 import time
 from collections.abc import Iterator
@@ -289,14 +290,8 @@ class Engine:
             )
         params.exit.check_depth(self.model_config.num_layers)
         params = params.with_defaults(self.generation_defaults)
-        if isinstance(prompt, str):
-            ids, text = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids, text = list(prompt), None
-        else:
-            raise InvalidRequestError(
-                f"prompt: a prompt is a string or a list of token ids, got {type(prompt).__name__}"
-            )
+        ids = self._ids(prompt, add_special_tokens)
+        text = prompt if isinstance(prompt, str) else None
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -441,7 +436,7 @@ class Engine:
 
     def _postprocess(self, launched) -> list[Request]:
         tokens, layers = self.runner.collect(launched)
-        now = time.perf_counter()
+        now = launched.done_time or time.perf_counter()
         got = []
         for r, tok, used in zip(launched.reqs, tokens, layers):
             if r.finish_reason is not None:
@@ -453,7 +448,7 @@ class Engine:
             got.append(r)
             self._check_stop(r, tok)
             if r.finish_reason is not None:
-                r.end_time = time.perf_counter()
+                r.end_time = now
                 self.scheduler.finish(r)
         return got
 
@@ -587,14 +582,23 @@ class Engine:
         generate)."""
         from river.scoring import score_batch
 
+        if exit is not None and not isinstance(exit, ExitConfig):
+            raise InvalidRequestError(f"exit must be an ExitConfig, got {type(exit).__name__}")
         if exit is not None and exit.mode == "lossless":
             exit = FULL
-        single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        single = isinstance(prompt, str) or (
+            isinstance(prompt, (list, tuple)) and bool(prompt) and not _is_sequence(prompt[0])
+        )
         prompts, conts = ([prompt], [continuation]) if single else (prompt, continuation)
+        if not isinstance(prompts, (list, tuple)) or not isinstance(conts, (list, tuple)):
+            raise InvalidRequestError(
+                "score: prompt and continuation are strings or token-id lists, or lists of "
+                f"them, got {type(prompt).__name__} and {type(continuation).__name__}"
+            )
         if len(prompts) != len(conts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(conts)} continuations")
         p_ids = [self._ids(p, True) for p in prompts]
-        c_ids = [self._ids(c, False) for c in conts]
+        c_ids = [self._ids(c, False, "continuation") for c in conts]
         for p, c in zip(p_ids, c_ids):
             if not p or not c:
                 raise InvalidRequestError("prompt and continuation must both be non-empty")
@@ -621,10 +625,21 @@ class Engine:
                 bar.close()
         return outs[0] if single else outs
 
-    def _ids(self, text_or_ids, add_special_tokens):
-        if isinstance(text_or_ids, str):
-            return self.tokenizer.encode(text_or_ids, add_special_tokens=add_special_tokens)
-        return list(text_or_ids)
+    def _ids(self, prompt, add_special_tokens, what="prompt") -> list[int]:
+        """A prompt's token ids: a string is encoded; a list or tuple of integers (Python,
+        numpy or 0-d torch integers) is taken as ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if isinstance(prompt, (list, tuple)):
+            try:
+                return [_token_id(t) for t in prompt]
+            except TypeError as e:
+                raise InvalidRequestError(
+                    f"{what}: a list of token ids must hold integers only ({e})"
+                ) from None
+        raise InvalidRequestError(
+            f"{what}: expected a string or a list of token ids, got {type(prompt).__name__}"
+        )
 
     def exit_histogram(self, reset: bool = False) -> list[int]:
         """counts[k] = decode row-steps (of generate/stream/serve) that ran k backbone layers
@@ -660,6 +675,21 @@ class Engine:
                     f"got {m!r:.80}"
                 )
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+
+def _token_id(t) -> int:
+    """One token id as a Python int: ints, numpy and 0-d torch integers (operator.index), not
+    bools or floats."""
+    if isinstance(t, bool):
+        raise TypeError("got a bool")
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise TypeError(f"got {type(t).__name__}") from None
+
+
+def _is_sequence(x) -> bool:
+    return isinstance(x, (str, list, tuple))
 
 
 def _generation_defaults(model_dir) -> dict:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 # OpenAI's default for /v1/completions; chat completions default to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# The message roles OpenAI's chat API accepts (river takes no tools, but a template may still
+# render a tool result the client sends)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
@@ -81,12 +84,13 @@ def _is_number(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _get_int(body, name, default, minimum):
+def _get_int(body, name, default, minimum, maximum=None):
     v = body.get(name)
     if v is None:
         return default
-    if not _is_int(v) or v < minimum:
-        raise bad(f"'{name}' must be an integer >= {minimum}, got {v!r}", name)
+    if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
+        where = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise bad(f"'{name}' must be an integer {where}, got {v!r}", name)
     return v
 
 
@@ -223,7 +227,14 @@ def _parse_messages(body: dict) -> list[dict]:
         param = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"{param} must be an object with a string 'role'", param)
+        if m["role"] not in CHAT_ROLES:
+            raise bad(
+                f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}",
+                f"{param}.role",
+            )
         content = m.get("content")
+        if content is None and m["role"] != "assistant":  # OpenAI: only assistant may omit it
+            raise bad(f"{param} needs a 'content' (a {m['role']} message)", f"{param}.content")
         if isinstance(content, list):
             # Content parts: river reads text only, joined the way a template would show them.
             texts = []
@@ -246,7 +257,7 @@ def _parse_messages(body: dict) -> list[dict]:
 
 def parse_request(body: Any, kind: str, default_exit: ExitConfig) -> ParsedRequest:
     """Check a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body."""
-    from river.sampling import SamplingParams
+    from river.sampling import MAX_SEED, MAX_TOP_K, SamplingParams
 
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
@@ -283,9 +294,9 @@ def parse_request(body: Any, kind: str, default_exit: ExitConfig) -> ParsedReque
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_get_number(body, "temperature", 1.0, 0.0, math.inf),
-        top_k=_get_int(body, "top_k", 0, 0),
+        top_k=_get_int(body, "top_k", 0, 0, MAX_TOP_K),
         top_p=_get_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=_get_int(body, "seed", None, 0),
+        seed=_get_int(body, "seed", None, 0, MAX_SEED),
         stop=stop,
         ignore_eos=_get_bool(body, "ignore_eos"),
         exit=parse_exit(body.get("exit"), default_exit),

@@ -19,6 +19,7 @@ host to build the next step:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,11 @@ class Launched:
     slot: int  # ring slot its tokens/layers are copied to
     event: object  # torch.cuda.Event or None (CPU: already done)
     layers: int | None  # backbone layers of every row (prefill), or None: read `used`
+    # When its tokens existed, where the host knows it at launch (CPU: the step ran inside
+    # the launch). The engine collects a step after launching the next one, so stamping
+    # tokens at collection would date them one step late (CUDA: collection time, which waits
+    # for the step's event).
+    done_time: float | None = None
 
 
 class ModelRunner:
@@ -87,11 +93,13 @@ class ModelRunner:
         self._ring[slot, 0, :n].copy_(tokens, non_blocking=True)
         if used is not None:
             self._ring[slot, 1, :n].copy_(used, non_blocking=True)
-        event = None
+        event, done = None, None
         if self._events is not None:
             event = self._events[slot]
             event.record()
-        return Launched(reqs, slot, event, layers)
+        else:
+            done = time.perf_counter()
+        return Launched(reqs, slot, event, layers, done)
 
     def prefill(self, reqs, batch: ForwardBatch, fresh: list[int]) -> Launched | None:
         """Prefill `reqs` (eager) and sample the first token of reqs[i] for i in `fresh` on

@@ -10,6 +10,8 @@ from river.exits import FULL, ExitConfig
 # What SamplingParams() means when neither the caller nor the model's generation_config.json
 # says otherwise (vLLM's and transformers' conventions: plain sampling at temperature 1).
 DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# Seeds and top_k travel to the sampler as int64 and int32 tensors
+MAX_SEED, MAX_TOP_K = 2**63 - 1, 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,21 @@ class SamplingParams:
         if t is not None and (not number(t) or not (0.0 <= t < float("inf"))):
             bad(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         k = self.top_k
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
-            bad(f"top_k must be an integer >= 0 (0 disables it), got {k!r}")
+        if k is not None and (
+            not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_K
+        ):
+            bad(f"top_k must be an integer in [0, 2**31 - 1] (0 disables it), got {k!r}")
         p = self.top_p
         if p is not None and (not number(p) or not (0.0 < p <= 1.0)):
             bad(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
         if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed <= MAX_SEED
         ):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+            bad(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if not isinstance(self.exit, ExitConfig):
             bad(f"exit must be an ExitConfig, got {type(self.exit).__name__}")
         stop = self.stop

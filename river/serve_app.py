@@ -155,7 +155,10 @@ def build_app(engine_loop: EngineLoop):
                 "context_length_exceeded",
             )
         if not parsed.max_tokens_given and kind == "chat":
-            parsed = with_max_tokens(parsed, limit - len(ids))
+            # the rest of the context window, or of the KV pool where that is smaller (a
+            # request reserves blocks for its whole budget)
+            room = min(limit - len(ids), engine_loop.pool_tokens + 1 - len(ids))
+            parsed = with_max_tokens(parsed, max(1, room))
         job = Job(asyncio.get_running_loop(), ids, parsed.params)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         handed_off = False

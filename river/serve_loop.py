@@ -100,6 +100,7 @@ class EngineLoop:
         # Published once at load, for the HTTP side (plain values, never the Engine itself).
         self.model_name: str | None = None
         self.max_model_len = 0
+        self.pool_tokens = 0  # the KV pool's capacity: a request's prompt + max_tokens - 1
         self.num_layers = 0
         self.tokenizer = None  # the HTTP side's own Tokenizer instance
         self.stats = LoopStats()
@@ -165,6 +166,7 @@ class EngineLoop:
             return
         self.model_name = self.config.served_model_name or engine.model_dir.name
         self.max_model_len = engine.max_model_len
+        self.pool_tokens = engine.scheduler.allocator.num_blocks * engine.scheduler.block_size
         self.num_layers = engine.model_config.num_layers
         self.tokenizer = tokenizer
         self._publish(engine, time.perf_counter(), hist=True)

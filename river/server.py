@@ -158,6 +158,34 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return s
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {port}")
+    return port
+
+
+def _can_listen(host: str, port: int) -> str | None:
+    """None if (host, port) can be bound now, else why not: checked before the model loads, so
+    a busy port is one clear error instead of a load followed by uvicorn's exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        return f"cannot resolve {host!r}: {e}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
     arg = s.add_argument  # an option given no default defaults to None
     arg(
@@ -168,7 +196,7 @@ def _add_serve_arguments(s: argparse.ArgumentParser) -> None:
         help="Hugging Face Llama directory (default: the bundled SmolLM2-135M)",
     )
     arg("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    arg("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    arg("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     arg("--device", help="cpu or cuda (default: cuda if available)")
     arg(
@@ -279,6 +307,10 @@ def run_serve(args) -> int:
         from river.engine import Engine
 
         Engine(config.model, config.engine)
+    why = _can_listen(args.host, args.port)
+    if why is not None:
+        print(f"river serve: error: {why}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s")
     holder = {}
 

@@ -59,6 +59,33 @@ def test_bad_prompts(tiny, prompts):
     assert_pool_full(tiny)
 
 
+def test_numpy_token_ids_are_token_ids(tiny):
+    np = pytest.importorskip("numpy")
+    ids = [int(t) for t in tiny.tokenizer.encode("Hello there")]
+    sp = SamplingParams(max_tokens=3, **GREEDY)
+    want = tiny.generate([ids], sp)[0].token_ids
+    assert tiny.generate([list(np.array(ids, dtype=np.int64))], sp)[0].token_ids == want
+    assert tiny.generate([[torch.tensor(t) for t in ids]], sp)[0].token_ids == want
+    with pytest.raises(InvalidRequestError, match="integers"):
+        tiny.generate([[True, 2]], sp)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, word",
+    [
+        (("a", "b"), {"exit": "river"}, "ExitConfig"),
+        ((None, "b"), {}, "score"),
+        (("a", None), {}, "continuation"),
+        ((["a", "b"], ["c"]), {}, "continuations"),
+        ((["a", [1.5]], ["c", "d"]), {}, "integers"),
+    ],
+)
+def test_bad_score_arguments_then_usable(tiny, args, kwargs, word):
+    with pytest.raises(InvalidRequestError, match=word):
+        tiny.score(*args, **kwargs)
+    assert len(tiny.score("a", "b").logprobs) >= 1
+
+
 def test_bad_params_type(tiny):
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         tiny.generate("hi", {"max_tokens": 3})
@@ -175,6 +202,27 @@ def test_stream_outputs_end_with_the_finished_result(tiny):
 def test_decode_rate_excludes_time_before_queueing(tiny):
     out = tiny.generate("Hello", SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))[0]
     assert 0 < out.first_token_s <= out.elapsed_s
+
+
+def test_tokens_are_timed_when_made_not_when_collected(tiny, monkeypatch):
+    """The engine reads a step's tokens after launching the next step. On the CPU that next
+    step has already run by then, so a token stamped at collection is one step late: a
+    2-token output then reported almost no decode time and a rate in the thousands. Each
+    decode step below is slowed by 50 ms. The second token's decode step must then fall
+    between the first token and the end. Only the order of events is checked, so a slow
+    machine cannot fail it."""
+    import time
+
+    step = tiny.runner.decode_step
+
+    def slow_step(*a, **k):
+        time.sleep(0.05)
+        return step(*a, **k)
+
+    monkeypatch.setattr(tiny.runner, "decode_step", slow_step)
+    out = tiny.generate("Hello", SamplingParams(max_tokens=2, ignore_eos=True, **GREEDY))[0]
+    assert len(out.token_ids) == 2
+    assert out.elapsed_s - out.first_token_s >= 0.05
 
 
 # --------------------------------------------------------------------------- CPU threads

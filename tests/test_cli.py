@@ -140,6 +140,8 @@ def test_prompt_from_stdin_and_file(tiny_dir, tmp_path, capsys, monkeypatch):
         (("--top-k", "-2"), "--top-k"),
         (("--max-tokens", "0"), "--max-tokens"),
         (("--seed", "-1"), "--seed"),
+        (("--seed", str(2**63)), "--seed"),
+        (("--top-k", str(2**31)), "--top-k"),
         (("--threads", "0"), "--threads"),
         (("--exit", "bogus"), "--exit"),
         (("--min-layer", "999", "--exit", "river"), "--min-layer"),

@@ -113,12 +113,27 @@ def test_thousand_requests_leave_pool_full(tiny):
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),  # past int64: the sampler's seed tensor
+        ({"top_k": 2**31}, "top_k"),  # past int32
         ({"stop": [""]}, "stop"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_extreme_valid_seed_and_top_k_sample(tiny):
+    """The largest seed and top_k SamplingParams accepts reach the sampler's int64 / int32
+    tensors intact (a larger seed used to pass validation and fail inside the engine step,
+    leaving the request queued and every later step failing)."""
+    sp = SamplingParams(max_tokens=3, temperature=0.8, seed=2**63 - 1, top_k=2**31 - 1)
+    tiny.add_request("Once", sp)
+    while tiny.has_unfinished():
+        tiny.step()
+    assert_pool_full(tiny)
+    assert len(tiny.generate("Once", sp)[0].token_ids) == 3
 
 
 def test_prompt_too_long_then_usable(tiny):

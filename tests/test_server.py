@@ -298,6 +298,11 @@ BAD = [
     ({"messages": [{"role": "user", "content": LONG}]}, "chat", 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat", 400, None),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "chat", 400, "tools"),
+    ({"messages": [{"role": "user"}]}, "chat", 400, "messages[0].content"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "chat", 400, "messages[0].role"),
+    # past int64 / int32: used to pass, then fail the engine step for every row batched with it
+    ({"prompt": "x", "temperature": 0.5, "seed": 2**63}, None, 400, "seed"),
+    ({"prompt": "x", "temperature": 0.5, "top_k": 2**31}, None, 400, "top_k"),
 ]
 
 

@@ -103,6 +103,21 @@ def test_loading_then_step_failure(tiny_dir):
         h.stop()
 
 
+def test_chat_without_max_tokens_fits_a_small_pool(tiny_dir):
+    """A chat request without max_tokens defaults to the rest of the context window, or of the
+    KV pool where that is smaller: it used to ask for the whole window and be refused by a pool
+    that cannot hold it (kv_cache_exceeded), however short the conversation."""
+    from dataclasses import replace
+
+    engine = replace(ENGINE, num_blocks=6)  # 48 tokens of KV, a 256-token window
+    with ServerHandle(ServerConfig(model=str(tiny_dir), engine=engine)) as h:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+        r = httpx.post(h.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 48 + 1
+
+
 # ---------------------------------------------------------------------------- command line
 def test_serve_parser():
     import argparse
@@ -176,6 +191,32 @@ def test_serve_subprocess(tiny_dir, ref):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "http"])
+def test_serve_bad_port_is_one_line(port):
+    r = subprocess.run(
+        [sys.executable, "-m", "river", "serve", "--port", port],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_busy_port_exits_2_before_loading(tmp_path):
+    """A port already in use is one error line and status 2, before any model is loaded (the
+    model path does not exist: a load would fail differently)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "river.server", str(tmp_path / "missing"), "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "does not exist" not in r.stderr
 
 
 def test_serve_bad_model_exits_2(tmp_path):
