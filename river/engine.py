@@ -587,7 +587,9 @@ class Engine:
         if exit is not None and exit.mode == "lossless":
             exit = FULL
         single = isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple)) and bool(prompt) and not _is_sequence(prompt[0])
+            isinstance(prompt, (list, tuple))
+            and bool(prompt)
+            and not isinstance(prompt[0], (str, list, tuple))
         )
         prompts, conts = ([prompt], [continuation]) if single else (prompt, continuation)
         if not isinstance(prompts, (list, tuple)) or not isinstance(conts, (list, tuple)):
@@ -686,10 +688,6 @@ def _token_id(t) -> int:
         return operator.index(t)
     except TypeError:
         raise TypeError(f"got {type(t).__name__}") from None
-
-
-def _is_sequence(x) -> bool:
-    return isinstance(x, (str, list, tuple))
 
 
 def _generation_defaults(model_dir) -> dict:
