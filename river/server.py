@@ -171,16 +171,13 @@ def _port(text: str) -> int:
 
 def _can_listen(host: str, port: int) -> str | None:
     """None if (host, port) can be bound now, else why not: checked before the model loads, so
-    a busy port is one clear error instead of a load followed by uvicorn's exit."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as e:
-        return f"cannot resolve {host!r}: {e}"
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    a busy port is one clear error instead of a load followed by uvicorn's exit. The socket
+    is made the way uvicorn makes its own (IPv6 for a host with a colon, else IPv4)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(addr)
+            sock.bind((host, port))
         except OSError as e:
             return f"cannot listen on {host}:{port}: {e.strerror or e}"
     return None
