@@ -499,9 +499,7 @@ class Engine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
-        ):
+        if _one_prompt(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise InvalidRequestError(
@@ -586,11 +584,7 @@ class Engine:
             raise InvalidRequestError(f"exit must be an ExitConfig, got {type(exit).__name__}")
         if exit is not None and exit.mode == "lossless":
             exit = FULL
-        single = isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple))
-            and bool(prompt)
-            and not isinstance(prompt[0], (str, list, tuple))
-        )
+        single = _one_prompt(prompt)
         prompts, conts = ([prompt], [continuation]) if single else (prompt, continuation)
         if not isinstance(prompts, (list, tuple)) or not isinstance(conts, (list, tuple)):
             raise InvalidRequestError(
@@ -677,6 +671,14 @@ class Engine:
                     f"got {m!r:.80}"
                 )
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+
+def _one_prompt(x) -> bool:
+    """Whether `x` is one prompt (a string, or token ids: a list whose items are not
+    themselves prompts) rather than a list of prompts."""
+    return isinstance(x, str) or (
+        isinstance(x, (list, tuple)) and bool(x) and not isinstance(x[0], (str, list, tuple))
+    )
 
 
 def _token_id(t) -> int:

@@ -66,6 +66,7 @@ def test_numpy_token_ids_are_token_ids(tiny):
     want = tiny.generate([ids], sp)[0].token_ids
     assert tiny.generate([list(np.array(ids, dtype=np.int64))], sp)[0].token_ids == want
     assert tiny.generate([[torch.tensor(t) for t in ids]], sp)[0].token_ids == want
+    assert tiny.generate(list(np.array(ids)), sp)[0].token_ids == want  # one prompt, not many
     with pytest.raises(InvalidRequestError, match="integers"):
         tiny.generate([[True, 2]], sp)
 
