@@ -345,17 +345,25 @@ class Engine:
         sched = self.scheduler
         sched.preempt_paused()
         earlier, self._launched = self._launched, []
-        admitted = sched.admit()
-        if admitted:
-            self._prefill(admitted)
-        live = [
-            r
-            for r in sched.running
-            if not r.paused and r.finish_reason is None and r.scheduled < r.max_tokens
-        ]
-        rows = [r for r in live if r.draft is None]
-        if rows:
-            self._decode(rows)
+        admitted, rows = sched.admit(), []
+        try:
+            if admitted:
+                self._prefill(admitted)
+            live = [
+                r
+                for r in sched.running
+                if not r.paused and r.finish_reason is None and r.scheduled < r.max_tokens
+            ]
+            rows = [r for r in live if r.draft is None]
+            if rows:
+                self._decode(rows)
+        except Exception:
+            # The step's launches failed: end the requests they carried (a request left queued
+            # would fail every later step too), keep the earlier steps' tokens for the next
+            # step to read, and let the caller see the error.
+            self._launched = earlier + self._launched
+            self._fail(admitted + rows)
+            raise
         progressed = []
         self.last_step_decode_rows = 0
         for launched in earlier:
@@ -374,8 +382,20 @@ class Engine:
             and r.scheduled == len(r.output_ids)
         ]
         if lossless:
-            progressed += [r for r in self._lossless(lossless) if r not in progressed]
+            try:
+                done = self._lossless(lossless)
+            except Exception:
+                self._fail(lossless)
+                raise
+            progressed += [r for r in done if r not in progressed]
         return progressed
+
+    def _fail(self, reqs: list[Request]) -> None:
+        """End `reqs` with finish_reason "error" and give their KV blocks back."""
+        for r in reqs:
+            if r.finish_reason is None:
+                r.finish_reason = "error"
+            self.abort(r)
 
     def _prefill(self, admitted: list[Request]) -> None:
         batch = self.scheduler.prefill_batch(admitted, self.device)

@@ -101,7 +101,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
+    # "stop" (EOS or stop string), "length", "abort" (Engine.abort), "error" (an engine step
+    # that carried it failed), or None while running
+    finish_reason: str | None
     backbone_layers: list[int]
     num_layers: int
     elapsed_s: float = 0.0  # queued -> finished (excludes model load and the twin build)

@@ -205,3 +205,29 @@ def test_engine_usable_after_load_errors(tiny, tmp_path):
     with pytest.raises(ModelLoadError):
         Engine(str(tmp_path / "missing"), device="cpu")
     assert tiny.generate("a", SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode_step"])
+def test_a_failed_step_ends_its_requests_and_the_engine_goes_on(tiny, monkeypatch, where):
+    """A step whose prefill or decode launch raises ends the requests it carried with
+    finish_reason "error" and frees their blocks (before, they stayed queued and every later
+    step failed again); later requests then run normally."""
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = tiny.generate("Once upon", sp)[0].token_ids
+    first = tiny.add_request("Hello", sp)
+    if where == "decode_step":
+        tiny.step()  # its prefill: the failure comes with its first decode step
+    real = getattr(tiny.runner, where)
+
+    def fail_once(*a, **k):
+        monkeypatch.setattr(tiny.runner, where, real)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(tiny.runner, where, fail_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        tiny.step()
+    assert first.finish_reason == "error"
+    while tiny.has_unfinished():
+        tiny.step()
+    assert_pool_full(tiny)
+    assert tiny.generate("Once upon", sp)[0].token_ids == want
