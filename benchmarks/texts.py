@@ -4,6 +4,10 @@
   prose      30 passages of general English prose written for river (benchmarks/data/
              prose.jsonl): the first sentence is the prompt, the rest the continuation
              (acceptance set, not code)
+  prose2     60 more passages in the same style on other topics (data/prose2.jsonl), written
+             in the tenth session, before any river row was scored on them: prose's
+             bootstrap SE (~0.3 points of agreement) was larger than the gap being judged
+  prose-all  prose + prose2 (90 passages)
   tune-code  chunks of this Python installation's standard library source (tuning only)
   tune-prose passages of the Python language reference shipped with it (pydoc_data; tuning)
   tune       tune-code + tune-prose
@@ -19,7 +23,7 @@ import pathlib
 import random
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-SETS = ("humaneval", "prose", "tune", "tune-code", "tune-prose")
+SETS = ("humaneval", "prose", "prose2", "prose-all", "tune", "tune-code", "tune-prose")
 
 
 def humaneval(limit=None):
@@ -29,8 +33,8 @@ def humaneval(limit=None):
     return [(p["prompt"], p["canonical_solution"]) for p in probs]
 
 
-def prose(limit=None):
-    rows = [json.loads(line) for line in (DATA / "prose.jsonl").read_text().splitlines() if line]
+def prose(limit=None, file="prose.jsonl"):
+    rows = [json.loads(line) for line in (DATA / file).read_text().splitlines() if line]
     pairs = []
     for r in rows[:limit]:
         first, _, rest = r["text"].partition(". ")
@@ -80,6 +84,10 @@ def load(name: str, limit=None):
         raise ValueError(f"text set must be one of {SETS}, got {name!r}")
     if name == "tune":
         return load("tune-code", limit) + load("tune-prose", limit)
+    if name == "prose-all":
+        return load("prose", limit) + load("prose2", limit)
+    if name == "prose2":
+        return prose(limit, "prose2.jsonl")
     fn = {"humaneval": humaneval, "prose": prose, "tune-code": tune_code,
           "tune-prose": tune_prose}[name]  # fmt: skip
     return fn(limit) if limit is not None or name in ("humaneval", "prose") else fn()

@@ -171,3 +171,14 @@ def test_bootstrap_se_resamples_sequences():
     # 8 sequences, agreement 1.0 or 0.5 each: the SE of the mean is ~0.25 / sqrt(8)
     assert 0.05 < se["top1_agree_se"] < 0.13
     assert se["ppl_rel_se"] > 0
+
+
+def test_prose_sets_are_disjoint_and_split_at_the_first_sentence():
+    texts = pytest.importorskip("texts")
+    first, second, both = (texts.load(n) for n in ("prose", "prose2", "prose-all"))
+    assert (len(first), len(second)) == (30, 60)
+    assert both == first + second
+    assert not {p for p, _ in first} & {p for p, _ in second}  # no passage counted twice
+    for prompt, rest in both:
+        assert prompt.endswith(".") and rest.startswith(" ") and len(rest.split()) > 80
+    assert texts.load("prose2", limit=5) == second[:5]
