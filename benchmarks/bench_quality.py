@@ -42,8 +42,9 @@ def parse_args(argv=None):
     arguments.add_model(p, default="SmolLM2-135M-Instruct")
     p.add_argument(
         "--set", default="humaneval", choices=texts.SETS,
-        help="text set scored (benchmarks/texts.py): humaneval and prose are the acceptance "
-        "sets, tune-code / tune-prose the ones defaults are tuned on",
+        help="text set scored (benchmarks/texts.py): humaneval and prose (30 passages; prose2 "
+        "60 more, prose-all both) are the acceptance sets, tune-code / tune-prose the ones "
+        "defaults are tuned on",
     )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N pairs (default: all)")
     arguments.add_device(p)
