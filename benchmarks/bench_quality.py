@@ -54,8 +54,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--calibration",
         default="self-samples",
-        choices=["self-samples", "random-tokens", "none"],
-        help="activation weighting of the quantizer's error (river.calibrate)",
+        choices=["self-samples", "random-tokens", "text", "none"],
+        help="activation weighting of the quantizer's error, or text: GPTQ with Hessians from "
+        "Python's bundled docs and stdlib (river.calibrate)",
     )
     arguments.add_list(
         p, "--precisions",

@@ -29,6 +29,13 @@ and engine-scored on the held-out sets they gained agreement (HumanEval 0.954 ->
 0.910 -> 0.918) with perplexity unchanged within noise (BENCHMARKS.md, "Twin precision"). The
 samples are drawn on the CPU in float32 from a seeded generator, so that every machine builds
 the same twins (up to a sampled token landing on a rounding-sized edge of the distribution).
+
+One source uses outside text, and is not the default: `source="text"` (river_calibration
+"text") reads documentation and code that ship with Python itself (bundled_text), and the
+twins are then quantized by GPTQ with each input's full second moment (activation_hessians,
+river.gptq). The model's own samples do not give GPTQ correlations that hold on real text;
+Python's text does, with +0.3 / +0.8 points of agreement on the tuning code / prose
+(BENCHMARKS.md, "GPTQ at 6 bits").
 """
 
 from __future__ import annotations
@@ -46,14 +53,14 @@ from river.scheduler import prefill_forward_batch
 _READERS = FUSED
 
 
-SOURCES = ("random-tokens", "self-samples")
+SOURCES = ("random-tokens", "self-samples", "text")
 
 
 @dataclass(frozen=True)
 class Calibration:
     """How the activation statistics are measured: num_seqs sequences of seq_len ids, either
-    uniform random ids ("random-tokens") or the model's own samples ("self-samples", drawn at
-    `temperature` from BOS)."""
+    uniform random ids ("random-tokens"), the model's own samples ("self-samples", drawn at
+    `temperature` from BOS) or text that ships with Python ("text", bundled_text)."""
 
     num_seqs: int = 8
     seq_len: int = 256
@@ -78,6 +85,8 @@ class Calibration:
         shape = f"{self.num_seqs}x{self.seq_len}:seed{self.seed}"
         if self.source == "self-samples":
             return f"act-msq:self-samples:{shape}:t{self.temperature:g}:cpu-fp32:v1"
+        if self.source == "text":  # plus the ids' digest (text_tag): Python versions differ
+            return f"hessian:text:{shape}:v1"
         return f"act-msq:random-tokens:{shape}:v1"
 
 
@@ -85,6 +94,12 @@ class Calibration:
 # random ids are cheap and need no generation; the model's own samples measured better.
 RANDOM_TOKENS = Calibration()
 SELF_SAMPLES = Calibration(num_seqs=16, seq_len=256, source="self-samples")
+# Real text for GPTQ's Hessians (river_calibration="text"): half English prose-like
+# documentation, half code, from the Python installation itself (no download).
+TEXT = Calibration(num_seqs=16, seq_len=256, source="text")
+# bundled_text skips this many characters of every pydoc topic: the benchmarks' tuning text
+# (benchmarks/texts.py, tune-prose) reads exactly those, so the two never overlap.
+_TOPIC_SKIP = 1200
 
 
 def random_tokens(vocab_size: int, bos_id: int | None, calib: Calibration) -> torch.Tensor:
@@ -95,6 +110,62 @@ def random_tokens(vocab_size: int, bos_id: int | None, calib: Calibration) -> to
     if bos_id is not None:
         ids[:, 0] = bos_id
     return ids
+
+
+def bundled_text(calib: Calibration, encode) -> torch.Tensor:
+    """int64 [num_seqs, seq_len]: calibration text that every Python installation carries.
+
+    Half the sequences come from the language reference's topics (`pydoc_data.topics`, English
+    documentation), each read from its 1,200th character on. The other half come from
+    standard-library package modules (`Lib/<package>/*.py`, tests excluded). The candidates
+    are sorted, shuffled by calib.seed and the first texts with seq_len tokens taken.
+    encode(text) -> token ids, BOS first as for a prompt.
+
+    This keeps the benchmarks' tuning text out by construction: it reads the topics' first
+    1,200 characters and top-level stdlib modules. The text differs between Python versions, so
+    the twins' cache identity carries the ids' digest (text_tag)."""
+    import pathlib
+    import random
+    import sysconfig
+    from pydoc_data.topics import topics
+
+    want = 16 * calib.seq_len  # characters: seq_len tokens of any text with that many
+    docs = [topics[k][_TOPIC_SKIP : _TOPIC_SKIP + want] for k in sorted(topics)]
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    code = []
+    for path in sorted(root.glob("*/*.py")):
+        if "site-packages" in path.parts or any(p.startswith("test") for p in path.parts[-2:]):
+            continue
+        try:
+            code.append(path.read_text(encoding="utf-8")[:want])
+        except (OSError, UnicodeDecodeError):
+            continue
+    rng = random.Random(calib.seed)
+    seqs = []
+    for pool, n in ((docs, calib.num_seqs // 2), (code, calib.num_seqs - calib.num_seqs // 2)):
+        rng.shuffle(pool)
+        got = []
+        for text in pool:  # the first n texts long enough, in the shuffled order
+            ids = encode(text)[: calib.seq_len]
+            if len(ids) == calib.seq_len:
+                got.append(ids)
+            if len(got) == n:
+                break
+        if len(got) < n:
+            raise RuntimeError(
+                f"bundled_text: this Python installation has only {len(got)} texts of "
+                f"{calib.seq_len} tokens where {n} are needed (no pydoc_data or stdlib?)"
+            )
+        seqs += got[:n]
+    return torch.tensor(seqs, dtype=torch.long)
+
+
+def text_tag(calib: Calibration, ids: torch.Tensor) -> str:
+    """The cache identity of statistics measured on `ids` (bundled_text's)."""
+    import hashlib
+
+    digest = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+    return f"{calib.tag}:ids-{digest}"
 
 
 SCRATCH_BLOCK = 16  # tokens per block of the measurements' scratch KV caches
@@ -192,4 +263,34 @@ def activation_importance(
         msq = (total / count).cpu()
         for proj in _READERS[name]:
             out[f"layers.{layer}.{proj}"] = msq
+    return out
+
+
+@torch.inference_mode()
+def activation_hessians(model: LlamaModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"layers.N.<proj>": float32 [K, K] on CPU}: the second moment E[x x^T] of every
+    projection's input over one full-backbone prefill of `ids` (int64 [S, L]); the projections
+    that read one input share its tensor. GPTQ's Hessian (river.gptq), up to a constant.
+
+    Memory: one [K, K] per layer and input, ~0.4 GB for SmolLM2-135M in float32 but ~33 GB at
+    Llama-3.1-8B's shapes; measuring a model that size needs a layer at a time (not done)."""
+    seq_len = min(ids.shape[1], model.cos.shape[0])
+    ids = ids[:, :seq_len]
+    kv, tables = scratch_cache(model, ids.shape[0], ids.shape[1])
+    batch = prefill_forward_batch(ids.tolist(), tables, SCRATCH_BLOCK, model.device)
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+
+    def observe(layer, name, x):
+        x = x.float()
+        xtx = (x.T @ x).cpu()  # [K, K]
+        key = (layer, name)
+        sums[key] = sums[key] + xtx if key in sums else xtx
+
+    model.prefill(batch, kv, observe=observe)
+    count = float(ids.numel())
+    out = {}
+    for (layer, name), total in sums.items():
+        h = total / count
+        for proj in _READERS[name]:
+            out[f"layers.{layer}.{proj}"] = h
     return out

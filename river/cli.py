@@ -20,12 +20,13 @@ from river.errors import RiverError
 
 EXIT_MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
 # EngineConfig.river_calibration's choices, and the help both subcommands show for them.
-CALIBRATIONS = ("self-samples", "random-tokens", "none")
+CALIBRATIONS = ("self-samples", "random-tokens", "text", "none")
 CALIBRATION_HELP = (
     "what the twins' quantizer weights each input channel's error by: its mean squared "
     "activation on text the model samples itself (self-samples: the default, 30-50 s once per "
-    "model on a small CPU), on random token ids (random-tokens), or not at all (none); each "
-    "choice has its own cached twins"
+    "model on a small CPU), on random token ids (random-tokens), or not at all (none); text: "
+    "GPTQ with statistics from Python's own docs and standard library (a few minutes once); "
+    "each choice has its own cached twins"
 )
 
 

@@ -170,7 +170,8 @@ class EngineConfig:
     # How the quantizer weights each input channel's error (river.calibrate; no outside data):
     # "self-samples" by its mean squared activation on text the model writes itself (16 x 256
     # tokens, once per model), "random-tokens" the same on random token ids, "none" plain
-    # weight MSE.
+    # weight MSE; "text" quantizes by GPTQ with the inputs' full second moment on text that
+    # ships with Python (river.calibrate.bundled_text; outside data, so not the default).
     river_calibration: str = "self-samples"
     # Twin precision (river.precision): "w4", "w6", "w8", "mix:B" (8-bit where it buys the most
     # quality per byte, 4-bit elsewhere, the twins reading B x bf16's bytes) or "mix6:B" (the
@@ -202,10 +203,10 @@ class EngineConfig:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.river_method not in ("rtn", "hqq"):  # river.quantize.METHODS
             raise ConfigError(f"river_method must be 'rtn' or 'hqq', got {self.river_method!r}")
-        if self.river_calibration not in ("self-samples", "random-tokens", "none"):
+        if self.river_calibration not in ("self-samples", "random-tokens", "text", "none"):
             raise ConfigError(
-                f"river_calibration must be 'self-samples', 'random-tokens' or 'none', got "
-                f"{self.river_calibration!r}"
+                f"river_calibration must be 'self-samples', 'random-tokens', 'text' or 'none', "
+                f"got {self.river_calibration!r}"
             )
         from river.precision import TwinPrecision
 

@@ -284,11 +284,23 @@ def _quantize_w4(w, group_size, method, iters, workers, importance=None, bits=4)
     w = w.detach().float().contiguous()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_w4: weight contains NaN or inf")
-    c = _column_weights(importance, k, group_size, w.device) if method == "hqq" else None
     rows = max(1, _CHUNK_ELEMS // k)
+    if importance is not None and torch.as_tensor(importance).dim() == 2:
+        # a Hessian E[x x^T] [K, K] (real-text statistics): GPTQ, error-compensating
+        from river.gptq import check_hessian, gptq_groups, inverse_factor
 
-    def chunk(start):
-        return quantize_rows(w[start : start + rows], group_size, method, iters, c, bits)
+        h = torch.as_tensor(importance).detach().to(w.device)
+        check_hessian(h, k, f"quantize_w{bits}")
+        u, diag = inverse_factor(h), h.diagonal().float().clamp_min(0)
+
+        def chunk(start):
+            return gptq_groups(w[start : start + rows], u, diag, group_size, method, iters, bits)
+
+    else:
+        c = _column_weights(importance, k, group_size, w.device) if method == "hqq" else None
+
+        def chunk(start):
+            return quantize_rows(w[start : start + rows], group_size, method, iters, c, bits)
 
     qs, ss, zs = zip(*_parallel_map(chunk, range(0, n, rows), workers), strict=True)
     q, s, z = torch.cat(qs), torch.cat(ss), torch.cat(zs)
@@ -308,8 +320,10 @@ def quantize_w4(
 
     `iters` bounds the HQQ zero iterations (method="hqq"); they also stop early once an
     iteration no longer helps. `importance` [K], the mean squared input activation of each
-    column, weights the error that hqq minimises (rtn ignores it). Scales and zeros come back
-    float32 on w's device.
+    column, weights the error that hqq minimises (rtn ignores it). `importance` [K, K], the
+    inputs' second moment E[x x^T], quantizes by GPTQ (river.gptq) instead, each group's grid
+    fit by `method` on the compensated columns. Scales and zeros come back float32 on w's
+    device.
     """
     with _single_threaded_ops() as threads:
         return _quantize_w4(w, group_size, method, iters, threads, importance)

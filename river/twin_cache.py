@@ -30,9 +30,11 @@ def importance_suffix(importance_tag: str) -> str:
     """The cache files' name part for how the twins' error was weighted: one set of files per
     statistics source, so that switching river_calibration back and forth does not rebuild
     them every time ("": unweighted, "-act": random tokens, the first source, "-act-self":
-    the model's own samples)."""
+    the model's own samples, "-gptq-text": GPTQ with Hessians from bundled text)."""
     if not importance_tag:
         return ""
+    if importance_tag.startswith("hessian:text"):
+        return "-gptq-text"
     return "-act-self" if importance_tag.startswith("act-msq:self-samples") else "-act"
 
 

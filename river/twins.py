@@ -80,7 +80,20 @@ def build_twins(engine, progress: bool = True):
         return fp32_cpu("cpu")
 
     importance, tag = None, ""
-    if cfg.river_calibration != "none":
+    if cfg.river_calibration == "text":
+        from river.calibrate import TEXT, activation_hessians, bundled_text, text_tag
+
+        # GPTQ's Hessians from text that ships with Python (river.calibrate.bundled_text)
+        ids = bundled_text(TEXT, lambda t: engine.tokenizer.encode(t, add_special_tokens=True))
+        tag = text_tag(TEXT, ids)
+        measured = {}
+
+        def importance():
+            if "h" not in measured:  # once for every format
+                measured["h"] = activation_hessians(reference_model("cpu"), ids)
+            return measured["h"]
+
+    elif cfg.river_calibration != "none":
         from river.calibrate import RANDOM_TOKENS, SELF_SAMPLES, activation_importance, own_samples
 
         calib = SELF_SAMPLES if cfg.river_calibration == "self-samples" else RANDOM_TOKENS

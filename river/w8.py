@@ -81,8 +81,9 @@ def quantize_w8(w: torch.Tensor, importance: torch.Tensor | None = None) -> W8We
     """Quantize W [N, K] to 8 bits with one symmetric scale per row.
 
     importance [K] (mean squared input of each column, river.calibrate) weights the error the
-    clip search minimises; None weighs every column alike. Scales come back float32 on w's
-    device, bf16-representable.
+    clip search minimises; None weighs every column alike. importance [K, K] (the inputs'
+    second moment E[x x^T]): the clip search weighs by its diagonal and GPTQ rounds
+    (river.gptq). Scales come back float32 on w's device, bf16-representable.
     """
     if w.dim() != 2:
         raise ValueError(f"quantize_w8 expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
@@ -90,7 +91,14 @@ def quantize_w8(w: torch.Tensor, importance: torch.Tensor | None = None) -> W8We
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_w8: weight contains NaN or inf")
     n, k = w.shape
-    c = None
+    c, u = None, None
+    if importance is not None and torch.as_tensor(importance).dim() == 2:
+        # a Hessian E[x x^T] [K, K]: the clip search weighs by its diagonal, then GPTQ rounds
+        from river.gptq import check_hessian, inverse_factor
+
+        h = torch.as_tensor(importance).detach().to(device=w.device)
+        check_hessian(h, k, "quantize_w8")
+        u, importance = inverse_factor(h), h.diagonal().float().clamp_min(0)
     if importance is not None:
         c = torch.as_tensor(importance).detach().to(device=w.device, dtype=torch.float32).flatten()
         if c.numel() != k:
@@ -114,6 +122,11 @@ def quantize_w8(w: torch.Tensor, importance: torch.Tensor | None = None) -> W8We
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_s = torch.where(better, s, best_s)
-        qs.append((rows / best_s).round().clamp(-QMAX8, QMAX8).to(torch.int8))
+        if u is None:
+            qs.append((rows / best_s).round().clamp(-QMAX8, QMAX8).to(torch.int8))
+        else:
+            from river.gptq import gptq_channel
+
+            qs.append(gptq_channel(rows, u, best_s.squeeze(1), QMAX8))
         ss.append(best_s.squeeze(1))
     return W8Weight(torch.cat(qs), torch.cat(ss))

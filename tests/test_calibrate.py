@@ -6,10 +6,14 @@ import torch
 from river.calibrate import (
     RANDOM_TOKENS,
     SELF_SAMPLES,
+    TEXT,
     Calibration,
+    activation_hessians,
     activation_importance,
+    bundled_text,
     own_samples,
     random_tokens,
+    text_tag,
 )
 from river.config import PROJECTIONS
 from river.engine import Engine
@@ -33,13 +37,14 @@ def test_calibration_rejects_empty_shapes_and_unknown_sources():
     with pytest.raises(ValueError, match="seq_len"):
         Calibration(seq_len=1)
     with pytest.raises(ValueError, match="source"):
-        Calibration(source="text")
+        Calibration(source="wikitext")
     with pytest.raises(ValueError, match="temperature"):
         Calibration(source="self-samples", temperature=0.0)
 
 
-def test_the_two_sources_name_different_caches():
+def test_the_sources_name_different_caches():
     assert SELF_SAMPLES.tag != RANDOM_TOKENS.tag and "self-samples" in SELF_SAMPLES.tag
+    assert TEXT.tag not in (SELF_SAMPLES.tag, RANDOM_TOKENS.tag)
     assert SELF_SAMPLES.tag != Calibration(16, 256, seed=1, source="self-samples").tag
     assert "t0.5" in Calibration(source="self-samples", temperature=0.5).tag
 
@@ -147,7 +152,7 @@ def test_activation_importance_equals_hf_forward_hooks(tiny_dir):
 def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
     with pytest.raises(ValueError, match="river_calibration"):
-        Engine(tiny_dir, device="cpu", kv_cache_tokens=256, river_calibration="text")
+        Engine(tiny_dir, device="cpu", kv_cache_tokens=256, river_calibration="wikitext")
     import shutil
 
     model_dir = tmp_path / "m"
@@ -223,3 +228,63 @@ def test_each_calibration_keeps_its_own_sensitivities(tiny_dir, tmp_path, monkey
     again.ensure_river(progress=False)
     assert {p: f.stat().st_mtime_ns for p, f in files.items()} == stamps
     assert set(again.river_bits.values()) <= {4, 8}
+
+
+def _byte_ids(text):
+    return [0] + list(text.encode("utf-8"))  # BOS, then one id a byte: decodable
+
+
+def test_bundled_text_is_half_docs_half_package_code_and_seeded():
+    from pydoc_data.topics import topics
+
+    calib = Calibration(num_seqs=6, seq_len=64, source="text")
+    ids = bundled_text(calib, _byte_ids)
+    assert ids.shape == (6, 64) and ids.dtype == torch.long and bool((ids[:, 0] == 0).all())
+    assert torch.equal(ids, bundled_text(calib, _byte_ids))  # no hidden randomness
+    other = bundled_text(Calibration(num_seqs=6, seq_len=64, source="text", seed=1), _byte_ids)
+    assert not torch.equal(ids, other)
+    texts = [bytes(row[1:].tolist()).decode("utf-8", errors="ignore") for row in ids]
+    # the docs half never reads a topic's first 1,200 characters (the tuning text's)
+    for t in texts[:3]:
+        hits = [v.find(t[:40]) for v in topics.values() if t[:40] in v]
+        assert hits and min(hits) >= 1200
+    for t in texts[3:]:  # code: not from any topic
+        assert not any(t[:40] in v for v in topics.values())
+    # the cache identity follows the ids (Python versions ship different text)
+    assert text_tag(calib, ids) != text_tag(calib, other)
+    assert text_tag(calib, ids).startswith(calib.tag) and calib.tag.startswith("hessian:text")
+
+
+def test_activation_hessians_diagonal_is_the_importance(tiny_dir):
+    """Both statistics read the same inputs: E[x x^T]'s diagonal is E[x^2]."""
+    engine = Engine(tiny_dir, device="cpu", kv_cache_tokens=256, dtype=torch.float32)
+    ids = random_tokens(engine.model_config.vocab_size, 1, Calibration(3, 40, seed=2))
+    hess = activation_hessians(engine.model, ids)
+    imp = activation_importance(engine.model, ids=ids)
+    assert hess.keys() == imp.keys()
+    for key, h in hess.items():
+        k = imp[key].numel()
+        assert h.shape == (k, k) and torch.allclose(h, h.T, atol=1e-6)
+        torch.testing.assert_close(h.diagonal(), imp[key], rtol=1e-4, atol=1e-7, msg=key)
+    assert hess["layers.0.q"] is hess["layers.0.k"]  # one input, one tensor
+
+
+def test_text_calibration_builds_gptq_twins_with_their_own_cache(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_dir, model_dir)
+    kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w6"}
+    text = Engine(model_dir, river_calibration="text", **kw)
+    text.ensure_river(progress=False)
+    assert (model_dir / "river-w6-g64-hqq-gptq-text.safetensors").is_file()
+    default = Engine(model_dir, **kw)
+    default.ensure_river(progress=False)
+    assert not torch.equal(text.model.river[0].down, default.model.river[0].down)
+    from river.exits import ExitConfig
+    from river.sampling import SamplingParams
+
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, exit=ExitConfig("river"))
+    assert len(text.generate("def f(x):", sp)[0].token_ids) == 4
+    assert TEXT.source == "text" and TEXT.num_seqs == 16
