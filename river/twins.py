@@ -5,6 +5,7 @@ EngineConfig.river_precision asks for (river.precision)."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -80,11 +81,21 @@ def build_twins(engine, progress: bool = True):
         return fp32_cpu("cpu")
 
     importance, tag = None, ""
-    if cfg.river_calibration == "text":
+    calibration = cfg.river_calibration
+    if calibration == "text":
         from river.calibrate import TEXT, activation_hessians, bundled_text, text_tag
 
         # GPTQ's Hessians from text that ships with Python (river.calibrate.bundled_text)
-        ids = bundled_text(TEXT, lambda t: engine.tokenizer.encode(t, add_special_tokens=True))
+        try:
+            ids = bundled_text(TEXT, lambda t: engine.tokenizer.encode(t, add_special_tokens=True))
+        except (ImportError, RuntimeError) as e:  # a Python without its docs (pydoc_data)
+            warnings.warn(
+                f"river_calibration='text' needs the text Python ships ({e}); building the "
+                "self-sample twins instead",
+                stacklevel=2,
+            )
+            calibration = "self-samples"
+    if calibration == "text":
         tag = text_tag(TEXT, ids)
         measured = {}
 
@@ -93,10 +104,10 @@ def build_twins(engine, progress: bool = True):
                 measured["h"] = activation_hessians(reference_model("cpu"), ids)
             return measured["h"]
 
-    elif cfg.river_calibration != "none":
+    elif calibration != "none":
         from river.calibrate import RANDOM_TOKENS, SELF_SAMPLES, activation_importance, own_samples
 
-        calib = SELF_SAMPLES if cfg.river_calibration == "self-samples" else RANDOM_TOKENS
+        calib = SELF_SAMPLES if calibration == "self-samples" else RANDOM_TOKENS
         measured = {}
 
         def importance():

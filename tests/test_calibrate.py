@@ -161,7 +161,7 @@ def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_pa
     kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w4"}
     plain = Engine(model_dir, river_calibration="none", **kw)
     plain.ensure_river(progress=False)
-    weighted = Engine(model_dir, **kw)  # the default: the model's own samples
+    weighted = Engine(model_dir, river_calibration="self-samples", **kw)
     weighted.ensure_river(progress=False)
     rand = Engine(model_dir, river_calibration="random-tokens", **kw)
     rand.ensure_river(progress=False)
@@ -170,10 +170,10 @@ def test_engine_uses_weighted_twins_and_rejects_bad_calibration(tiny_dir, tmp_pa
     assert (model_dir / "river-w4-g64-hqq-act.safetensors").is_file()
     down = [e.model.river[0].down for e in (plain, weighted, rand)]
     assert not torch.equal(down[1], down[0]) and not torch.equal(down[1], down[2])
-    # each source keeps its own cache: the default's twins load again, not rebuilt
+    # each source keeps its own cache: the self-sample twins load again, not rebuilt
     cache = model_dir / "river-w4-g64-hqq-act-self.safetensors"
     stamp = cache.stat().st_mtime_ns
-    again = Engine(model_dir, **kw)
+    again = Engine(model_dir, river_calibration="self-samples", **kw)
     again.ensure_river(progress=False)
     assert torch.equal(again.model.river[0].down, down[1])
     assert cache.stat().st_mtime_ns == stamp
@@ -201,7 +201,7 @@ def test_the_samples_come_from_a_float32_cpu_model_whatever_the_engine(
         model_dir = tmp_path / str(dtype)
         shutil.copytree(tiny_dir, model_dir)
         engine = Engine(model_dir, device="cpu", kv_cache_tokens=256, dtype=dtype,
-                        river_precision="w4")  # fmt: skip
+                        river_precision="w4", river_calibration="self-samples")  # fmt: skip
         engine.ensure_river(progress=False)
     assert [s[:2] for s in seen] == [(torch.float32, "cpu")] * 2
     assert seen[0][2].shape == (SELF_SAMPLES.num_seqs, SELF_SAMPLES.seq_len)
@@ -224,7 +224,7 @@ def test_each_calibration_keeps_its_own_sensitivities(tiny_dir, tmp_path, monkey
                                           "river-sensitivity-act.json")}  # fmt: skip
     assert all(f.is_file() for f in files.values())
     stamps = {p: f.stat().st_mtime_ns for p, f in files.items()}
-    again = Engine(model_dir, **kw)
+    again = Engine(model_dir, river_calibration="self-samples", **kw)
     again.ensure_river(progress=False)
     assert {p: f.stat().st_mtime_ns for p, f in files.items()} == stamps
     assert set(again.river_bits.values()) <= {4, 8}
@@ -276,15 +276,40 @@ def test_text_calibration_builds_gptq_twins_with_their_own_cache(tiny_dir, tmp_p
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dir, model_dir)
     kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w6"}
-    text = Engine(model_dir, river_calibration="text", **kw)
+    text = Engine(model_dir, **kw)  # the default
+    assert text.config.river_calibration == "text"
     text.ensure_river(progress=False)
     assert (model_dir / "river-w6-g64-hqq-gptq-text.safetensors").is_file()
-    default = Engine(model_dir, **kw)
-    default.ensure_river(progress=False)
-    assert not torch.equal(text.model.river[0].down, default.model.river[0].down)
+    own = Engine(model_dir, river_calibration="self-samples", **kw)
+    own.ensure_river(progress=False)
+    assert not torch.equal(text.model.river[0].down, own.model.river[0].down)
     from river.exits import ExitConfig
     from river.sampling import SamplingParams
 
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, exit=ExitConfig("river"))
     assert len(text.generate("def f(x):", sp)[0].token_ids) == 4
     assert TEXT.source == "text" and TEXT.num_seqs == 16
+
+
+def test_text_calibration_falls_back_to_self_samples_without_python_docs(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """A Python installed without pydoc_data still gets twins (the self-sample ones), with a
+    warning that says why."""
+    import shutil
+
+    import river.calibrate
+
+    monkeypatch.setenv("RIVER_HOME", str(tmp_path / "home"))
+
+    def missing(calib, encode):
+        raise ImportError("No module named 'pydoc_data'")
+
+    monkeypatch.setattr(river.calibrate, "bundled_text", missing)
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_dir, model_dir)
+    engine = Engine(model_dir, device="cpu", kv_cache_tokens=256, dtype=torch.float32,
+                    river_precision="w4")  # fmt: skip
+    with pytest.warns(UserWarning, match="pydoc_data"):
+        engine.ensure_river(progress=False)
+    assert (model_dir / "river-w4-g64-hqq-act-self.safetensors").is_file()

@@ -149,7 +149,7 @@ def test_prompt_from_stdin_and_file(tiny_dir, tmp_path, capsys, monkeypatch):
         (("--prompt-file", "/nonexistent/prompt.txt"), "--prompt-file"),
         (("--river-precision", "mix:3"), "--river-precision"),
         (("--river-precision", "w5"), "--river-precision"),
-        (("--river-calibration", "text"), "--river-calibration"),
+        (("--river-calibration", "wikitext"), "--river-calibration"),
         (("--tp", "0"), "--tp"),
         (("--tp", "3"), "tensor_parallel_size=3 does not divide the model's 2 KV heads"),
     ],
