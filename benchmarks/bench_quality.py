@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="hqq", choices=["hqq", "rtn"], help="river quantizer")
     p.add_argument(
         "--calibration",
-        default="text",
+        default="self-samples",
         choices=["self-samples", "random-tokens", "text", "none"],
         help="activation weighting of the quantizer's error, or text: GPTQ with Hessians from "
         "Python's bundled docs and stdlib (river.calibrate)",

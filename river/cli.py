@@ -22,11 +22,11 @@ EXIT_MODES = ("full", "w4", "river", "propagate", "mask", "lossless")
 # EngineConfig.river_calibration's choices, and the help both subcommands show for them.
 CALIBRATIONS = ("self-samples", "random-tokens", "text", "none")
 CALIBRATION_HELP = (
-    "how the twins' quantizer weighs each input channel's error: text (the default) by GPTQ "
-    "with statistics from Python's own docs and standard library (a few minutes once per model "
-    "on a small CPU); with no outside text, by the channel's mean squared activation on text "
-    "the model samples itself (self-samples) or on random token ids (random-tokens), or not at "
-    "all (none); each choice has its own cached twins"
+    "how the twins' quantizer weighs each input channel's error: by its mean squared "
+    "activation on text the model samples itself (self-samples: the default, 30-50 s once per "
+    "model on a small CPU), on random token ids (random-tokens), or not at all (none); or text: "
+    "GPTQ with statistics from Python's own docs and standard library (a few minutes once; "
+    "better on code, not on prose); each choice has its own cached twins"
 )
 
 

@@ -167,14 +167,13 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # tokens in one prefill batch
     river_group_size: int = 64
     river_method: str = "hqq"
-    # How the quantizer weighs each input channel's error (river.calibrate). Default "text":
-    # GPTQ with the inputs' full second moment on 16 x 256 tokens of text that ships with
-    # Python (river.calibrate.bundled_text: its docs and stdlib; no download), which halved
-    # the default river's perplexity loss on the tuning text. No outside text at all:
-    # "self-samples" weighs by the mean squared activation on text the model writes itself
-    # (the default before), "random-tokens" the same on random token ids, "none" plain
-    # weight MSE.
-    river_calibration: str = "text"
+    # How the quantizer weighs each input channel's error (river.calibrate). Default
+    # "self-samples": by its mean squared activation on text the model writes itself (16 x 256
+    # tokens, once per model; no outside text); "random-tokens" the same on random token ids;
+    # "none" plain weight MSE; "text": GPTQ with the inputs' full second moment on text that
+    # ships with Python (river.calibrate.bundled_text: its docs and stdlib), better on code and
+    # Python's docs, not on general prose (README "The river twins").
+    river_calibration: str = "self-samples"
     # Twin precision (river.precision): "w4", "w6", "w8", "mix:B" (8-bit where it buys the most
     # quality per byte, 4-bit elsewhere, the twins reading B x bf16's bytes) or "mix6:B" (the
     # same from a 6-bit base).

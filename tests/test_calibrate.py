@@ -276,8 +276,7 @@ def test_text_calibration_builds_gptq_twins_with_their_own_cache(tiny_dir, tmp_p
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dir, model_dir)
     kw = {"device": "cpu", "kv_cache_tokens": 256, "dtype": torch.float32, "river_precision": "w6"}
-    text = Engine(model_dir, **kw)  # the default
-    assert text.config.river_calibration == "text"
+    text = Engine(model_dir, river_calibration="text", **kw)
     text.ensure_river(progress=False)
     assert (model_dir / "river-w6-g64-hqq-gptq-text.safetensors").is_file()
     own = Engine(model_dir, river_calibration="self-samples", **kw)
@@ -309,7 +308,7 @@ def test_text_calibration_falls_back_to_self_samples_without_python_docs(
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dir, model_dir)
     engine = Engine(model_dir, device="cpu", kv_cache_tokens=256, dtype=torch.float32,
-                    river_precision="w4")  # fmt: skip
+                    river_precision="w4", river_calibration="text")  # fmt: skip
     with pytest.warns(UserWarning, match="pydoc_data"):
         engine.ensure_river(progress=False)
     assert (model_dir / "river-w4-g64-hqq-act-self.safetensors").is_file()
