@@ -249,23 +249,30 @@ def activation_importance(
             if calib.source == "self-samples"
             else random_tokens(cfg.vocab_size, cfg.bos_token_id, calib)
         )
-    ids = ids[:, :seq_len]
+    # [K]: float32 accumulation even for bf16 activations
+    return _input_means(model, ids[:, :seq_len], lambda x: x.float().square().sum(0))
+
+
+def _input_means(model: LlamaModel, ids: torch.Tensor, stat) -> dict[str, torch.Tensor]:
+    """{"layers.N.<proj>": mean over the tokens of stat(x) on CPU}: one full-backbone prefill
+    of `ids` into a scratch cache, stat(x [T, K]) summed over every projection's input (it
+    returns the sum over T); the projections that read one input share its tensor."""
     kv, tables = scratch_cache(model, ids.shape[0], ids.shape[1])
     batch = prefill_forward_batch(ids.tolist(), tables, SCRATCH_BLOCK, model.device)
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
     def observe(layer, name, x):
-        sq = x.float().square().sum(0)  # [K]: float32 accumulation even for bf16 activations
+        part = stat(x)
         key = (layer, name)
-        sums[key] = sums[key] + sq if key in sums else sq
+        sums[key] = sums[key] + part if key in sums else part
 
     model.prefill(batch, kv, observe=observe)
     count = float(ids.numel())
     out = {}
     for (layer, name), total in sums.items():
-        msq = (total / count).cpu()
+        mean = (total / count).cpu()
         for proj in _READERS[name]:
-            out[f"layers.{layer}.{proj}"] = msq
+            out[f"layers.{layer}.{proj}"] = mean
     return out
 
 
@@ -278,22 +285,9 @@ def activation_hessians(model: LlamaModel, ids: torch.Tensor) -> dict[str, torch
     Memory: one [K, K] per layer and input, ~0.4 GB for SmolLM2-135M in float32 but ~33 GB at
     Llama-3.1-8B's shapes; measuring a model that size needs a layer at a time (not done)."""
     seq_len = min(ids.shape[1], model.cos.shape[0])
-    ids = ids[:, :seq_len]
-    kv, tables = scratch_cache(model, ids.shape[0], ids.shape[1])
-    batch = prefill_forward_batch(ids.tolist(), tables, SCRATCH_BLOCK, model.device)
-    sums: dict[tuple[int, str], torch.Tensor] = {}
 
-    def observe(layer, name, x):
+    def xtx(x):  # [K, K], kept on the CPU: the device holds one layer's at a time
         x = x.float()
-        xtx = (x.T @ x).cpu()  # [K, K]
-        key = (layer, name)
-        sums[key] = sums[key] + xtx if key in sums else xtx
+        return (x.T @ x).cpu()
 
-    model.prefill(batch, kv, observe=observe)
-    count = float(ids.numel())
-    out = {}
-    for (layer, name), total in sums.items():
-        h = total / count
-        for proj in _READERS[name]:
-            out[f"layers.{layer}.{proj}"] = h
-    return out
+    return _input_means(model, ids[:, :seq_len], xtx)
